@@ -1,0 +1,159 @@
+"""Closed-form continuous-time (CfC) cell, Hasani et al. 2022, as the ncps ``CfCCell``.
+
+A backbone MLP reads ``concat(x, h)``; linear heads ``ff1``, ``ff2``, ``time_a``, ``time_b`` read the
+backbone's output ``z``.  With ``t`` the row's own ``dt`` (shape ``[B, 1]``, never broadcast across rows)::
+
+    t_interp = sigmoid(time_a(z) * t + time_b(z))
+    default:  h_new = tanh(ff1(z)) * (1 - t_interp) + t_interp * tanh(ff2(z))
+    no_gate:  h_new = tanh(ff1(z)) + t_interp * tanh(ff2(z))
+    pure:     h_new = -A * exp(-t * (|w_tau| + |ff1(z)|)) * ff1(z) + A
+
+The new state is a closed-form function of ``dt`` (no solver), so it is finite for any finite ``dt``;
+unlike the ODE cells, ``dt = 0`` does not return ``h`` unchanged.  The four heads run as one fused matmul.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from operators.cells._common import check_pair, check_sizes, check_step
+from operators.cells.base import ContinuousCell
+from operators.errors import ConfigError
+
+MODES = ("default", "no_gate", "pure")
+ACTIVATIONS = ("lecun_tanh", "silu")
+#: ``time_constants`` never reports more than this many seconds (rates are clamped to ``1 / TAU_MAX``).
+TAU_MAX = 1e6
+
+
+class LeCunTanh(nn.Module):
+    """``1.7159 * tanh(0.666 * x)`` (LeCun 1998), the ncps default backbone activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 1.7159 * torch.tanh(0.666 * x)
+
+
+class CfCCell(ContinuousCell):
+    """CfC cell; ``mode`` is ``"default"``, ``"no_gate"`` or ``"pure"``.
+
+    The backbone is ``backbone_layers`` blocks of ``Linear -> activation -> Dropout`` of width
+    ``backbone_units`` (``backbone_layers = 0``: the heads read ``concat(x, h)`` directly).  Weights are
+    Xavier-uniform as in ncps.  A negative ``dt`` is treated as ``0``.
+
+    >>> import torch
+    >>> _ = torch.manual_seed(0)
+    >>> cell = CfCCell(input_size=2, hidden_size=3, backbone_units=8).eval()
+    >>> x, h = torch.randn(2, 2), torch.zeros(2, 3)
+    >>> cell(x, h, torch.tensor([0.1, 1e6])).shape
+    torch.Size([2, 3])
+    >>> cell.config()["mode"], cell.config()["backbone_units"]
+    ('default', 8)
+    >>> CfCCell(2, 3, mode="fancy")
+    Traceback (most recent call last):
+    ...
+    operators.errors.ConfigError: mode must be one of ('default', 'no_gate', 'pure'), got 'fancy'
+    """
+
+    kind: ClassVar[str] = "cfc"
+    w_tau: nn.Parameter
+    A: nn.Parameter
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        backbone_units: int = 64,
+        backbone_layers: int = 1,
+        mode: str = "default",
+        backbone_dropout: float = 0.0,
+        backbone_activation: str = "lecun_tanh",
+    ) -> None:
+        check_sizes(input_size, hidden_size)
+        if mode not in MODES:
+            msg = f"mode must be one of {MODES}, got {mode!r}"
+            raise ConfigError(msg)
+        if backbone_activation not in ACTIVATIONS:
+            msg = f"backbone_activation must be one of {ACTIVATIONS}, got {backbone_activation!r}"
+            raise ConfigError(msg)
+        for name, value, low in (
+            ("backbone_units", backbone_units, 1),
+            ("backbone_layers", backbone_layers, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+                msg = f"{name} must be an int >= {low}, got {value!r}"
+                raise ConfigError(msg)
+        if not (math.isfinite(backbone_dropout) and 0.0 <= backbone_dropout < 1.0):
+            msg = f"backbone_dropout must be in [0, 1), got {backbone_dropout!r}"
+            raise ConfigError(msg)
+        super().__init__(input_size, hidden_size)
+        self.backbone_units = int(backbone_units)
+        self.backbone_layers = int(backbone_layers)
+        self.mode = str(mode)
+        self.backbone_dropout = float(backbone_dropout)
+        self.backbone_activation = str(backbone_activation)
+
+        layers: list[nn.Module] = []
+        width = self.input_size + self.hidden_size
+        for _ in range(self.backbone_layers):
+            linear = nn.Linear(width, self.backbone_units)
+            nn.init.xavier_uniform_(linear.weight)
+            layers += [linear, LeCunTanh() if self.backbone_activation == "lecun_tanh" else nn.SiLU()]
+            if self.backbone_dropout > 0:
+                layers.append(nn.Dropout(self.backbone_dropout))
+            width = self.backbone_units
+        self.backbone = nn.Sequential(*layers)  # empty Sequential is the identity
+        n_heads = 1 if self.mode == "pure" else 4  # ff1 | ff2 | time_a | time_b, stacked along the output
+        self.n_heads = n_heads
+        self.heads = nn.Linear(width, n_heads * self.hidden_size)
+        with torch.no_grad():
+            for i in range(n_heads):  # Xavier per head, as if each were its own Linear
+                nn.init.xavier_uniform_(self.heads.weight[i * self.hidden_size : (i + 1) * self.hidden_size])
+        if self.mode == "pure":
+            self.w_tau = nn.Parameter(torch.zeros(self.hidden_size))
+            self.A = nn.Parameter(torch.ones(self.hidden_size))
+
+    def _heads(self, x: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
+        z: torch.Tensor = self.backbone(torch.cat((x, h), dim=1))
+        out: torch.Tensor = self.heads(z)
+        return list(out.chunk(self.n_heads, dim=1))
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """New state after ``dt[i]`` seconds for each row ``i`` (negative treated as 0)."""
+        x, h, dt = check_step(x, h, dt, input_size=self.input_size, hidden_size=self.hidden_size)
+        t = dt.unsqueeze(1)  # [B, 1]
+        if self.mode == "pure":
+            (ff1,) = self._heads(x, h)
+            return -self.A * torch.exp(-t * (self.w_tau.abs() + ff1.abs())) * ff1 + self.A
+        ff1, ff2, time_a, time_b = self._heads(x, h)
+        ff1, ff2 = torch.tanh(ff1), torch.tanh(ff2)
+        t_interp = torch.sigmoid(time_a * t + time_b)
+        if self.mode == "no_gate":
+            return ff1 + t_interp * ff2
+        return ff1 * (1.0 - t_interp) + t_interp * ff2
+
+    def time_constants(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """Seconds, ``[B, hidden_size]``: ``1 / |time_a|`` (gate time scale), pure: ``1 / (|w_tau| + |ff1|)``.
+
+        Rates below ``1 / TAU_MAX`` are clamped, so the result lies in ``(0, TAU_MAX]``.
+        """
+        x, h = check_pair(x, h, input_size=self.input_size, hidden_size=self.hidden_size)
+        heads = self._heads(x, h)
+        rate = self.w_tau.abs() + heads[0].abs() if self.mode == "pure" else heads[2].abs()
+        return 1.0 / rate.clamp(min=1.0 / TAU_MAX)
+
+    def config(self) -> dict[str, object]:
+        """``{"kind": "cfc", ...constructor kwargs}``; ``build_cell(**cell.config())`` rebuilds it."""
+        return {
+            "kind": self.kind,
+            **super().config(),
+            "backbone_units": self.backbone_units,
+            "backbone_layers": self.backbone_layers,
+            "mode": self.mode,
+            "backbone_dropout": self.backbone_dropout,
+            "backbone_activation": self.backbone_activation,
+        }

@@ -1,0 +1,90 @@
+"""Hyperparameters and policies of the step operator, as one frozen value object.
+
+``pipeline`` embeds this dataclass in its pydantic settings (env vars ``LIQUIDSTREAM_OPERATOR__*``), so
+the operator never reads the environment itself.  Units: seconds for durations, dimensionless otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from operators.errors import ConfigError
+
+DuplicatePolicy = Literal["drop", "accept"]
+LatePolicy = Literal["drop", "accept"]
+GapPolicy = Literal["decay", "reset", "clamp"]
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """What the operator does with each kind of event, and how it scores readings.
+
+    >>> OperatorSettings().late_policy
+    'drop'
+    >>> OperatorSettings(max_gap_s=-1.0)
+    Traceback (most recent call last):
+    ...
+    operators.errors.ConfigError: max_gap_s must be > 0, got -1.0
+    """
+
+    #: Same device, same event time as an already applied reading: ``drop`` reports it and skips it;
+    #: ``accept`` applies it with dt = 0.
+    duplicate_policy: DuplicatePolicy = "drop"
+    #: Event older than the device's last applied event: ``drop`` reports it; ``accept`` applies it with
+    #: dt = 0 (the device clock never moves backwards).
+    late_policy: LatePolicy = "drop"
+    #: A gap longer than ``max_gap_s``: ``decay`` integrates the full gap (cells relax towards their rest
+    #: state), ``reset`` zeroes the hidden state, ``clamp`` integrates only ``max_gap_s``.  Always flagged.
+    gap_policy: GapPolicy = "decay"
+    max_gap_s: float = 600.0
+    #: No alert while a device has applied fewer readings than this (its statistics are still settling).
+    warmup_events: int = 20
+    #: Adaptive threshold = mean + threshold_sigma * std of the device's recent scores, never below
+    #: ``min_threshold``.
+    threshold_sigma: float = 6.0
+    min_threshold: float = 4.0
+    #: Hysteresis: an alert closes once ``exit_after`` consecutive scores are below
+    #: ``exit_ratio * threshold``.
+    exit_ratio: float = 0.6
+    exit_after: int = 5
+    #: After an alert closes, no new alert opens on that device for this long (seconds).
+    cooldown_s: float = 60.0
+    #: An open alert closes after this long even if scores stay high (the new level is accepted as normal).
+    max_alert_s: float = 900.0
+    #: A channel repeating exactly the same value this many readings in a row counts as a stuck sensor.
+    stuck_after: int = 8
+    #: Smoothing factor of the per-device running statistics (normalisation and score), per reading.
+    stats_alpha: float = 0.02
+    #: Devices with no event for this long (event time, seconds) are evicted by ``evict_idle``.
+    state_ttl_s: float = 24 * 3600.0
+    #: Channels named in an alert: the ``top_channels`` with the largest standardised residuals.
+    top_channels: int = 3
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_gap_s": self.max_gap_s,
+            "threshold_sigma": self.threshold_sigma,
+            "min_threshold": self.min_threshold,
+            "stats_alpha": self.stats_alpha,
+            "state_ttl_s": self.state_ttl_s,
+            "max_alert_s": self.max_alert_s,
+        }
+        for name, value in positive.items():
+            if not value > 0:
+                msg = f"{name} must be > 0, got {value}"
+                raise ConfigError(msg)
+        if not 0 < self.exit_ratio <= 1:
+            msg = f"exit_ratio must be in (0, 1], got {self.exit_ratio}"
+            raise ConfigError(msg)
+        if self.stats_alpha >= 1:
+            msg = f"stats_alpha must be < 1, got {self.stats_alpha}"
+            raise ConfigError(msg)
+        for name, ivalue in (("warmup_events", self.warmup_events), ("exit_after", self.exit_after),
+                             ("stuck_after", self.stuck_after), ("top_channels", self.top_channels)):
+            if ivalue < 1:
+                msg = f"{name} must be >= 1, got {ivalue}"
+                raise ConfigError(msg)
+        if self.cooldown_s < 0:
+            msg = f"cooldown_s must be >= 0, got {self.cooldown_s}"
+            raise ConfigError(msg)

@@ -1,0 +1,89 @@
+"""The forecaster: a continuous-time cell plus a Gaussian head over the time to the next reading.
+
+All quantities inside are in per-device normalised units (see :mod:`operators.normalization`):
+
+* ``advance(h, x, dt)`` folds a reading into the hidden state after a gap of ``dt`` seconds;
+* ``forecast(h, x_last, dt)`` predicts the mean and standard deviation, per channel, of the reading that
+  arrives ``dt`` seconds after the last one.  The mean is the last reading plus a learned correction,
+  which keeps a briefly trained model honest (it never does worse than persistence by much).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from operators.cells import build_cell
+from operators.errors import ConfigError
+
+
+def _dt_feature(dt: torch.Tensor) -> torch.Tensor:
+    """log1p of the gap in seconds, [B] -> [B, 1]; compresses gaps from ms to days into a small range."""
+    return torch.log1p(torch.clamp(dt, min=0.0)).unsqueeze(1)
+
+
+class Forecaster(nn.Module):
+    """A cell and a head; hyperparameters kept as given so :meth:`config` can rebuild the model.
+
+    >>> model = Forecaster(n_channels=3, hidden_size=8, cell="liquid")
+    >>> h = model.initial_state(2)
+    >>> x = torch.zeros(2, 3)
+    >>> h = model.advance(h, x, torch.tensor([1.0, 0.5]))
+    >>> mean, std = model.forecast(h, x, torch.tensor([1.0, 2.0]))
+    >>> mean.shape, bool((std > 0).all())
+    (torch.Size([2, 3]), True)
+    """
+
+    def __init__(self, n_channels: int, hidden_size: int = 64, cell: str = "cfc",
+                 cell_options: dict[str, object] | None = None, head_units: int = 64,
+                 min_std: float = 0.05) -> None:
+        super().__init__()
+        if n_channels < 1 or hidden_size < 1 or head_units < 1:
+            msg = f"n_channels, hidden_size and head_units must be >= 1, got {n_channels}, {hidden_size}, {head_units}"
+            raise ConfigError(msg)
+        if not min_std > 0:
+            msg = f"min_std must be > 0, got {min_std}"
+            raise ConfigError(msg)
+        self.n_channels = n_channels
+        self.hidden_size = hidden_size
+        self.cell_kind = cell
+        self.cell_options = dict(cell_options or {})
+        self.head_units = head_units
+        self.min_std = min_std
+        self.cell = build_cell(cell, input_size=n_channels + 1, hidden_size=hidden_size, **self.cell_options)
+        self.head = nn.Sequential(
+            nn.Linear(hidden_size + n_channels + 1, head_units), nn.SiLU(), nn.Linear(head_units, 2 * n_channels))
+        # Start as persistence with unit spread: the correction and log-std outputs begin at zero.
+        last = self.head[-1]
+        if isinstance(last, nn.Linear):
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+
+    def config(self) -> dict[str, object]:
+        return {"n_channels": self.n_channels, "hidden_size": self.hidden_size, "cell": self.cell_kind,
+                "cell_options": self.cell_options, "head_units": self.head_units, "min_std": self.min_std}
+
+    def initial_state(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.zeros(batch, self.hidden_size, device=device)
+
+    def advance(self, h: torch.Tensor, x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """Hidden state after reading ``x`` [B, C] arrived ``dt`` [B] seconds after the previous one."""
+        return self.cell(torch.cat([x, _dt_feature(dt)], dim=1), h, dt)
+
+    def forecast(self, h: torch.Tensor, x_last: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std [B, C] of the reading ``dt`` [B] seconds after ``x_last`` [B, C]."""
+        out = self.head(torch.cat([h, x_last, _dt_feature(dt)], dim=1))
+        c = self.n_channels
+        std = self.min_std + F.softplus(out[:, c:] + 0.5413)  # softplus(0.5413) = 1: unit std at init
+        return x_last + out[:, :c], std
+
+    def time_constants(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        """Effective time constant per neuron in seconds, for interpretability."""
+        return self.cell.time_constants(torch.cat([x, _dt_feature(dt)], dim=1), h)
+
+
+def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-element Gaussian negative log-likelihood without the constant, same shape as ``x``."""
+    z = (x - mean) / std
+    return 0.5 * z * z + torch.log(std)

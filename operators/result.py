@@ -1,0 +1,82 @@
+"""Columnar output of one :meth:`LiquidOperator.process` call."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+
+
+class EventStatus(IntEnum):
+    """What the operator did with an event; every value is visible in the result, none is silent."""
+
+    OK = 0
+    FIRST = 1  # a device's first reading: initialises its state, has no prior forecast and no score
+    DUPLICATE_DROPPED = 2  # same device and event time as an applied reading; not applied
+    LATE_DROPPED = 3  # older than the device's last applied reading; not applied
+    DUPLICATE_ACCEPTED = 4  # duplicate applied with dt = 0 (duplicate_policy="accept")
+    LATE_ACCEPTED = 5  # late reading applied with dt = 0 (late_policy="accept")
+
+    @property
+    def applied(self) -> bool:
+        return self not in (EventStatus.DUPLICATE_DROPPED, EventStatus.LATE_DROPPED)
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One incident on one device, reported once when it opens."""
+
+    device_id: str
+    ts_ms: int  # event time of the reading that opened it, epoch ms
+    score: float
+    threshold: float
+    severity: str  # "warning" | "critical"
+    channels: tuple[int, ...]  # channel indices, largest standardised residual first
+    reason: str  # "forecast_deviation" | "stuck_sensor"
+    index: int  # position of the triggering event in the process() input
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Per-event arrays in the order of the ``process`` input (N events, C channels).
+
+    ``forecast``/``forecast_std`` are the model's prediction of the device's *next* reading, expected
+    ``horizon_s`` seconds after this one (at ``forecast_ts_ms``), in raw units; NaN for events not applied.
+    ``score`` is this reading's score against the forecast made before it arrived (NaN for first readings
+    and events not applied); ``threshold`` is the device's threshold at that moment.
+    """
+
+    status: np.ndarray  # int8 [N], EventStatus values
+    long_gap: np.ndarray  # bool [N]: the gap before this reading exceeded max_gap_s (gap_policy applied)
+    forecast: np.ndarray  # float32 [N, C]
+    forecast_std: np.ndarray  # float32 [N, C]
+    horizon_s: np.ndarray  # float32 [N], seconds
+    score: np.ndarray  # float32 [N]
+    threshold: np.ndarray  # float32 [N]
+    is_alert: np.ndarray  # bool [N]: an alert is open on the device after this reading
+    ts_ms: np.ndarray  # int64 [N], echo of the input event times
+    alerts: list[Alert] = field(default_factory=list)
+
+    @property
+    def applied(self) -> np.ndarray:
+        return (self.status != EventStatus.DUPLICATE_DROPPED) & (self.status != EventStatus.LATE_DROPPED)
+
+    @property
+    def forecast_ts_ms(self) -> np.ndarray:
+        """Event time the forecast is for, epoch ms (int64)."""
+        return self.ts_ms + np.round(np.nan_to_num(self.horizon_s) * 1000.0).astype(np.int64)
+
+    def __len__(self) -> int:
+        return int(self.status.shape[0])
+
+    @classmethod
+    def empty(cls, n_channels: int) -> StepResult:
+        f = np.zeros((0, n_channels), np.float32)
+        z = np.zeros(0, np.float32)
+        return cls(np.zeros(0, np.int8), np.zeros(0, bool), f, f.copy(), z, z.copy(), z.copy(),
+                   np.zeros(0, bool), np.zeros(0, np.int64))

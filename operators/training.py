@@ -1,0 +1,168 @@
+"""Offline (and, later, online) training of a :class:`~operators.forecaster.Forecaster`.
+
+Training runs the very recurrence the operator runs when serving (same normalisation, same
+forecast-then-advance order, same per-device gaps), over many devices at once: step ``t`` of a batch is the
+``t``-th reading of each device, exactly like the operator's waves.  Truncated backpropagation through time
+carries the state across windows of ``window`` readings.  :meth:`Trainer.train_step` is the one training
+step shared by the offline ``liquidstream train`` command and the online trainer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from operators.errors import InputError
+from operators.forecaster import Forecaster, gaussian_nll
+from operators.normalization import normalise, update_stats
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Per-device reading sequences padded to one length: D devices, T steps, C channels."""
+
+    device_ids: list[str]
+    values: torch.Tensor  # float32 [D, T, C], raw units
+    dt: torch.Tensor  # float32 [D, T], seconds since the device's previous reading (0 for its first)
+    mask: torch.Tensor  # bool [D, T], False on padding
+
+    @classmethod
+    def from_columns(cls, device_ids: Sequence[str], ts_ms: np.ndarray, values: np.ndarray) -> Sequences:
+        """Group readings by device and sort each device by event time (duplicates of a time are dropped).
+
+        >>> s = Sequences.from_columns(["a", "b", "a"], np.array([2000, 0, 500]), np.ones((3, 1), np.float32))
+        >>> s.device_ids, s.dt.tolist(), s.mask.tolist()
+        (['a', 'b'], [[0.0, 1.5], [0.0, 0.0]], [[True, True], [True, False]])
+        """
+        ids = np.asarray(device_ids, dtype=object)
+        if len(ids) == 0:
+            msg = "no readings to build training sequences from"
+            raise InputError(msg)
+        uniq, inv = np.unique(ids, return_inverse=True)
+        order = np.lexsort((ts_ms, inv))
+        inv_s, ts_s, val_s = inv[order], np.asarray(ts_ms, np.int64)[order], np.asarray(values, np.float32)[order]
+        keep = np.ones(len(order), bool)
+        keep[1:] = ~((inv_s[1:] == inv_s[:-1]) & (ts_s[1:] == ts_s[:-1]))
+        inv_s, ts_s, val_s = inv_s[keep], ts_s[keep], val_s[keep]
+        starts = np.ones(len(inv_s), bool)
+        starts[1:] = inv_s[1:] != inv_s[:-1]
+        pos = np.arange(len(inv_s))
+        step = pos - np.maximum.accumulate(np.where(starts, pos, 0))
+        d, t = len(uniq), int(step.max()) + 1
+        vals = np.zeros((d, t, val_s.shape[1]), np.float32)
+        dts = np.zeros((d, t), np.float32)
+        mask = np.zeros((d, t), bool)
+        vals[inv_s, step] = val_s
+        gaps = np.zeros(len(ts_s), np.float64)
+        gaps[1:] = (ts_s[1:] - ts_s[:-1]) / 1000.0  # ms -> s
+        dts[inv_s, step] = np.where(starts, 0.0, gaps)
+        mask[inv_s, step] = True
+        return cls([str(u) for u in uniq], torch.from_numpy(vals), torch.from_numpy(dts), torch.from_numpy(mask))
+
+
+State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def initial_state(model: Forecaster, batch: int, device: torch.device) -> State:
+    """(h, x_last, mean, var, count) of devices that have seen nothing."""
+    c = model.n_channels
+    return (model.initial_state(batch, device), torch.zeros(batch, c, device=device),
+            torch.zeros(batch, c, device=device), torch.ones(batch, c, device=device),
+            torch.zeros(batch, device=device))
+
+
+def rollout_loss(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, state: State,
+                 stats_alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
+    """Sum of Gaussian NLL and squared error (normalised units) over a window, and the term count."""
+    h, x_last, mean, var, count = state
+    nll_sum = values.new_zeros(())
+    se_sum = values.new_zeros(())
+    terms = values.new_zeros(())
+    for t in range(values.shape[1]):
+        x, d, m = values[:, t], dt[:, t], mask[:, t]
+        mu, sd = model.forecast(h, normalise(x_last, mean, var), d)
+        use = (m & (count > 0)).to(values.dtype)
+        target = normalise(x, mean, var)
+        nll_sum = nll_sum + (gaussian_nll(target, mu, sd).mean(1) * use).sum()
+        se_sum = se_sum + (((target - mu) ** 2).mean(1) * use).sum()
+        terms = terms + use.sum()
+        with torch.no_grad():
+            new_mean, new_var = update_stats(mean, var, count, x, stats_alpha)
+            keep = m.unsqueeze(1)
+            mean, var = torch.where(keep, new_mean, mean), torch.where(keep, new_var, var)
+        h = torch.where(keep, model.advance(h, normalise(x, mean, var), d), h)
+        x_last = torch.where(keep, x, x_last)
+        count = count + m.to(count.dtype)
+    return nll_sum, se_sum, terms, (h, x_last, mean, var, count)
+
+
+class Trainer:
+    """Truncated-BPTT trainer over many devices at once.
+
+    >>> seqs = Sequences.from_columns(["a"] * 5, np.arange(5) * 1000, np.random.rand(5, 2).astype(np.float32))
+    >>> trainer = Trainer(Forecaster(n_channels=2, hidden_size=4, cell="liquid"), window=4)
+    >>> losses = trainer.fit(seqs, epochs=2)
+    >>> len(losses)
+    2
+    """
+
+    def __init__(self, model: Forecaster, *, lr: float = 3e-3, window: int = 64, batch_devices: int = 256,
+                 stats_alpha: float = 0.02, grad_clip: float = 1.0, device: str | torch.device = "cpu",
+                 seed: int = 0) -> None:
+        self.model = model.to(device)
+        self.lr, self.window, self.batch_devices = lr, window, batch_devices
+        self.stats_alpha, self.grad_clip = stats_alpha, grad_clip
+        self.device = torch.device(device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def train_step(self, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, state: State) -> tuple[float, State]:
+        """One optimiser step on one window; returns the mean NLL and the detached carried state."""
+        self.model.train()
+        nll, _, terms, new_state = rollout_loss(self.model, values, dt, mask, state, self.stats_alpha)
+        loss = nll / torch.clamp(terms, min=1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        if terms.item() > 0:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+            self.optimizer.step()
+        self.model.eval()
+        detached: State = tuple(s.detach() for s in new_state)  # type: ignore[assignment]
+        return float(loss.item()), detached
+
+    def fit(self, seqs: Sequences, epochs: int, progress: Callable[[int, int, float], None] | None = None,
+            ) -> list[float]:
+        """Train for ``epochs`` passes; ``progress(done_steps, total_steps, last_loss)`` after each step."""
+        d, t = seqs.mask.shape
+        n_batches = -(-d // self.batch_devices)
+        total = epochs * n_batches * (-(-t // self.window))
+        done, history = 0, []
+        for _ in range(epochs):
+            perm = torch.randperm(d, generator=self.generator)
+            epoch_losses = []
+            for b in range(n_batches):
+                sel = perm[b * self.batch_devices:(b + 1) * self.batch_devices]
+                vals, dts, mask = (x[sel].to(self.device) for x in (seqs.values, seqs.dt, seqs.mask))
+                state = initial_state(self.model, len(sel), self.device)
+                for start in range(0, t, self.window):
+                    w = slice(start, start + self.window)
+                    loss, state = self.train_step(vals[:, w], dts[:, w], mask[:, w], state)
+                    epoch_losses.append(loss)
+                    done += 1
+                    if progress is not None:
+                        progress(done, total, loss)
+            history.append(float(np.mean(epoch_losses)))
+        return history
+
+    @torch.no_grad()
+    def evaluate(self, seqs: Sequences) -> dict[str, float]:
+        """Mean one-step NLL and MSE (normalised units) over every reading after each device's first."""
+        nll, se, terms, _ = rollout_loss(self.model, seqs.values.to(self.device), seqs.dt.to(self.device),
+                                         seqs.mask.to(self.device),
+                                         initial_state(self.model, len(seqs.device_ids), self.device),
+                                         self.stats_alpha)
+        n = max(float(terms), 1.0)
+        return {"nll": float(nll) / n, "mse": float(se) / n}

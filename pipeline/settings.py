@@ -1,0 +1,90 @@
+"""The one frozen settings object of a liquidstream process.
+
+Built once (from ``LIQUIDSTREAM_*`` environment variables, then overridden by CLI flags) and passed down;
+nothing reads the environment after start-up.  Nested operator settings use ``__``:
+``LIQUIDSTREAM_OPERATOR__COOLDOWN_S=30``.  Extra Kafka client properties pass through verbatim from
+``LIQUIDSTREAM_KAFKA_CONFIG`` (a JSON object) so every librdkafka setting, security included, is reachable.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from operators.config import OperatorSettings
+
+#: Event times before this are absurd for a live sensor (2000-01-01T00:00:00Z, epoch milliseconds).
+DEFAULT_TS_MIN_MS = 946_684_800_000
+
+
+class Settings(BaseSettings):
+    """Every knob of the worker, the CLI and the demo.  Immutable once built."""
+
+    model_config = SettingsConfigDict(env_prefix="LIQUIDSTREAM_", env_nested_delimiter="__", frozen=True,
+                                      extra="ignore")
+
+    # --- Kafka -----------------------------------------------------------------------------------------
+    bootstrap: str = "127.0.0.1:9092"
+    input_topic: str = "readings"
+    predictions_topic: str = "predictions"
+    alerts_topic: str = "alerts"
+    dlq_topic: str = "readings-dlq"
+    group_id: str = "liquidstream"
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: Path | None = None
+    ssl_certificate_location: Path | None = None
+    ssl_key_location: Path | None = None
+    #: Any other librdkafka property, e.g. ``{"socket.keepalive.enable": "true"}``.
+    kafka_config: dict[str, str] = Field(default_factory=dict)
+
+    # --- batching ---------------------------------------------------------------------------------------
+    batch_max_messages: int = Field(default=5000, ge=1)
+    batch_max_ms: int = Field(default=100, ge=1)  # milliseconds to wait while filling one batch
+    exit_when_idle_s: float | None = None  # bounded runs: stop after this many seconds without input
+
+    # --- input validation (what goes to the dead-letter topic) ------------------------------------------
+    max_payload_bytes: int = Field(default=64 * 1024, ge=64)
+    ts_min_ms: int = DEFAULT_TS_MIN_MS
+    max_future_s: float = Field(default=86_400.0, ge=0)  # event time may run ahead of the wall clock by this
+
+    # --- model and compute -------------------------------------------------------------------------------
+    model: Path | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    operator: OperatorSettings = Field(default_factory=OperatorSettings)
+
+    # --- operations -------------------------------------------------------------------------------------
+    metrics_port: int = Field(default=9108, ge=0, le=65535)
+    log_format: Literal["json", "human"] = "human"
+    log_level: str = "INFO"
+
+    def kafka_client_config(self) -> dict[str, Any]:
+        """librdkafka properties shared by consumers, producers and admin clients (secrets included)."""
+        conf: dict[str, Any] = {"bootstrap.servers": self.bootstrap, "security.protocol": self.security_protocol}
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            conf["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        for key, path in (("ssl.ca.location", self.ssl_ca_location),
+                          ("ssl.certificate.location", self.ssl_certificate_location),
+                          ("ssl.key.location", self.ssl_key_location)):
+            if path is not None:
+                conf[key] = str(path)
+        conf.update(self.kafka_config)
+        return conf
+
+    def torch_device(self) -> str:
+        """``cuda`` when asked for or when ``auto`` finds a GPU, else ``cpu``."""
+        if self.device != "auto":
+            return self.device
+        import torch  # local: settings stay importable without initialising torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
