@@ -65,6 +65,11 @@ class Sequences:
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
+#: Readings a device must have seen before its forecasts count in the loss.  Its running statistics are
+#: meaningless before that (after two readings the variance is ~0), so those targets would be clipped noise
+#: that dominates the gradient; the operator likewise raises no alert during warm-up.
+MIN_HISTORY = 10
+
 
 def initial_state(model: Forecaster, batch: int, device: torch.device) -> State:
     """(h, x_last, mean, var, count) of devices that have seen nothing."""
@@ -84,7 +89,7 @@ def rollout_loss(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mask
     for t in range(values.shape[1]):
         x, d, m = values[:, t], dt[:, t], mask[:, t]
         mu, sd = model.forecast(h, normalise(x_last, mean, var), d)
-        use = (m & (count > 0)).to(values.dtype)
+        use = (m & (count >= MIN_HISTORY)).to(values.dtype)
         target = normalise(x, mean, var)
         nll_sum = nll_sum + (gaussian_nll(target, mu, sd).mean(1) * use).sum()
         se_sum = se_sum + (((target - mu) ** 2).mean(1) * use).sum()
@@ -159,7 +164,7 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, seqs: Sequences) -> dict[str, float]:
-        """Mean one-step NLL and MSE (normalised units) over every reading after each device's first."""
+        """Mean one-step NLL and MSE (normalised units) over every reading after each device's warm-up."""
         nll, se, terms, _ = rollout_loss(self.model, seqs.values.to(self.device), seqs.dt.to(self.device),
                                          seqs.mask.to(self.device),
                                          initial_state(self.model, len(seqs.device_ids), self.device),

@@ -27,7 +27,6 @@ device ids.)  Bad messages never raise; they become dead letters (:mod:`pipeline
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,7 +35,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pipeline.errors import ConfigurationError, DecodeError, EncodeError
-from pipeline.schemas import FLOAT32_OVERFLOW, MAX_DEVICE_ID_CHARS, DeadLetterReason
+from pipeline.schemas import MAX_DEVICE_ID_CHARS, DeadLetterReason, describe_non_finite
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
@@ -122,17 +121,19 @@ def _short(text: str, limit: int = 64) -> str:
 def _non_finite_detail(values: list[Any]) -> str | None:
     """Describe the first value that is not finite in float32 (same rule as ``Reading``), else None."""
     for j, value in enumerate(values):
-        try:
-            number = float(value)
-        except OverflowError:
-            return f"values[{j}] is an integer too large for float32"
-        if math.isnan(number):
-            return f"values[{j}] is NaN"
-        if math.isinf(number):
-            return f"values[{j}] is {'-' if number < 0 else ''}Infinity"
-        if not abs(number) < FLOAT32_OVERFLOW:
-            return f"values[{j}] = {number:.6g} overflows float32"
+        what = describe_non_finite(value)
+        if what is not None:
+            return f"values[{j}] {what}"
     return None
+
+
+def _field(obj: dict[str, Any], name: str, kind: type, expected: str) -> Any:
+    """``obj[name]`` when its exact type is ``kind`` (so bool is not int), else a ``schema`` rejection."""
+    value = obj.get(name)
+    if type(value) is not kind:
+        what = "is missing" if name not in obj else f"must be {expected}, got {_json_type(value)}"
+        raise _Rejected(DeadLetterReason.SCHEMA, f"{name} {what}")
+    return value
 
 
 def _check_finite(values: list[Any]) -> None:
@@ -165,10 +166,7 @@ def _parse(payload: bytes | None, key: bytes | None, limits: DecodeLimits, min_t
     if type(obj) is not dict:
         raise _Rejected(DeadLetterReason.SCHEMA, f"payload must be a JSON object, got {_json_type(obj)}")
 
-    device_id = obj.get("device_id")
-    if type(device_id) is not str:
-        what = "is missing" if "device_id" not in obj else f"must be a string, got {_json_type(device_id)}"
-        raise _Rejected(DeadLetterReason.SCHEMA, f"device_id {what}")
+    device_id: str = _field(obj, "device_id", str, "a string")
     if not 0 < len(device_id) <= MAX_DEVICE_ID_CHARS:
         what = "is empty" if not device_id else f"is longer than {MAX_DEVICE_ID_CHARS} characters"
         raise _Rejected(DeadLetterReason.SCHEMA, f"device_id {what}")
@@ -179,15 +177,8 @@ def _parse(payload: bytes | None, key: bytes | None, limits: DecodeLimits, min_t
     except UnicodeEncodeError:
         raise _Rejected(DeadLetterReason.SCHEMA, "device_id is not valid Unicode (lone surrogate)") from None
 
-    ts = obj.get("ts")
-    if type(ts) is not int:
-        what = "is missing" if "ts" not in obj else f"must be an integer (epoch ms), got {_json_type(ts)}"
-        raise _Rejected(DeadLetterReason.SCHEMA, f"ts {what}")
-
-    values = obj.get("values")
-    if type(values) is not list:
-        what = "is missing" if "values" not in obj else f"must be an array, got {_json_type(values)}"
-        raise _Rejected(DeadLetterReason.SCHEMA, f"values {what}")
+    ts: int = _field(obj, "ts", int, "an integer (epoch ms)")
+    values: list[Any] = _field(obj, "values", list, "an array")
     if not values:
         raise _Rejected(DeadLetterReason.SCHEMA, "values is empty")
     if not _NUMBER_TYPES.issuperset(map(type, values)):

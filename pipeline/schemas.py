@@ -60,15 +60,33 @@ class DeadLetterReason(StrEnum):
     DUPLICATE = "duplicate"  # same device and event time as an applied event (operator policy)
 
 
+def describe_non_finite(value: float) -> str | None:
+    """Why a wire number is not finite in float32, or None when it is (the one rule codec and model share).
+
+    An int is judged as the float it becomes (``2**128 - 2**103 - 1`` rounds up to the overflow point).
+
+    >>> describe_non_finite(1.5), describe_non_finite(float("-inf")), describe_non_finite(1e300)
+    (None, 'is -Infinity', '= 1e+300 overflows float32')
+    """
+    try:
+        number = float(value)
+    except OverflowError:
+        return "is an integer too large for float32"
+    if math.isnan(number):
+        return "is NaN"
+    if math.isinf(number):
+        return f"is {'-' if number < 0 else ''}Infinity"
+    if not abs(number) < FLOAT32_OVERFLOW:
+        return f"= {number:.6g} overflows float32"
+    return None
+
+
 def _finite_value(value: object) -> object:
     """Reject numbers that are not finite in float32; leave type errors to the strict float check."""
     if isinstance(value, int | float) and not isinstance(value, bool):
-        try:
-            magnitude = abs(float(value))  # an int is compared as the float it becomes
-        except OverflowError:
-            magnitude = math.inf
-        if not magnitude < FLOAT32_OVERFLOW:
-            kind, msg = "non_finite", "value is NaN, infinite or overflows float32"
+        detail = describe_non_finite(value)
+        if detail is not None:
+            kind, msg = "non_finite", f"value {detail}"
             raise PydanticCustomError(kind, msg)
     return value
 

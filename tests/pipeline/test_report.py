@@ -67,7 +67,8 @@ def test_plot_does_not_touch_pyplot_or_the_global_backend(tmp_path: Path) -> Non
 def test_bad_inputs_raise() -> None:
     empty = np.array([], dtype=np.int64)
     with pytest.raises(InputError):
-        DeviceSeries("d", np.array([1, 2]), np.zeros((3, 2)), empty, np.zeros((0, 2)), np.zeros((0, 2)), empty)
+        DeviceSeries("d", np.array([1, 2]), np.zeros((3, 2)), empty, np.zeros((0, 2)), np.zeros((0, 2)),
+                     empty)
     with pytest.raises(InputError):
         DeviceSeries("d", empty, np.zeros((0, 1)), np.array([5]), np.zeros((1, 2)), np.zeros((1, 1)), empty)
     with pytest.raises(ConfigError):

@@ -39,7 +39,8 @@ def test_deterministic_by_seed() -> None:
 
 
 def test_devices_do_not_depend_on_fleet_size() -> None:
-    small, big = simulate(n_devices=2, duration_s=600.0, seed=2), simulate(n_devices=5, duration_s=600.0, seed=2)
+    small = simulate(n_devices=2, duration_s=600.0, seed=2)
+    big = simulate(n_devices=5, duration_s=600.0, seed=2)
     keep = np.isin(big.device_ids, small.device_ids)
     assert np.array_equal(big.ts_ms[keep], small.ts_ms) and np.array_equal(big.values[keep], small.values)
 

@@ -1,0 +1,128 @@
+"""The ``liquidstream`` command line: one sub-command per job, settings built once and passed down.
+
+Flags override ``LIQUIDSTREAM_*`` environment variables; a flag left out keeps the environment's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from operators.errors import LiquidStreamError
+from pipeline.settings import Settings
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """Environment first, then every flag that maps to a settings field and was given."""
+    fields = Settings.model_fields
+    overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
+    return Settings(**overrides)
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(devices=args.devices, duration_s=args.duration_s, seed=args.seed, cell=args.cell,
+                     epochs=args.epochs, hidden_size=args.hidden_size)
+    summary = run_demo(settings, Path(args.out), cfg, show=not args.quiet)
+    print(json.dumps({k: summary[k] for k in ("events", "devices", "predictions", "alerts", "precision",
+                                              "recall", "events_per_s")}))
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.replay import ReplayConfig, run_replay
+
+    cfg = ReplayConfig(model=Path(args.model) if args.model else None, train_fraction=args.train_fraction,
+                       epochs=args.epochs, cell=args.cell, hidden_size=args.hidden_size)
+    summary = run_replay(settings, Path(args.input), Path(args.out), cfg, show=not args.quiet)
+    print(json.dumps({k: summary[k] for k in ("lines", "valid", "invalid", "predictions", "alerts")}))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.replay import train_from_file
+
+    version = train_from_file(settings, Path(args.input), Path(args.out), cell=args.cell,
+                              hidden_size=args.hidden_size, epochs=args.epochs, show=not args.quiet)
+    print(json.dumps({"model": args.out, "version": version}))
+    return 0
+
+
+def _model_flags(p: argparse.ArgumentParser, epochs: int) -> None:
+    p.add_argument("--cell", choices=["cfc", "ltc", "liquid"], default="cfc")
+    p.add_argument("--hidden-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=epochs)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    device_flag(p)
+
+
+def device_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
+                   help="compute device (default: LIQUIDSTREAM_DEVICE or auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="liquidstream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers: dict[str, Handler] = {}
+
+    p = sub.add_parser("demo", help="simulate a fleet, train, stream and score it (no broker)")
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--devices", type=int, default=200)
+    p.add_argument("--duration-s", type=float, default=1800.0)
+    p.add_argument("--seed", type=int, default=7)
+    _model_flags(p, epochs=8)
+    handlers["demo"] = _cmd_demo
+
+    p = sub.add_parser("replay", help="stream a JSONL file of readings through the operator")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--train-fraction", type=float, default=0.0)
+    _model_flags(p, epochs=8)
+    handlers["replay"] = _cmd_replay
+
+    p = sub.add_parser("train", help="train a forecaster offline on a JSONL file of readings")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    _model_flags(p, epochs=8)
+    handlers["train"] = _cmd_train
+
+    for name, register in _EXTRA_COMMANDS:
+        handlers[name] = register(sub)
+    parser.set_defaults(_handlers=handlers)
+    return parser
+
+
+def _extra_commands() -> list[tuple[str, Callable[[Any], Handler]]]:
+    """Sub-commands that live in their own modules (the Kafka worker and friends)."""
+    from pipeline import cli_kafka
+
+    return cli_kafka.COMMANDS
+
+
+_EXTRA_COMMANDS: list[tuple[str, Callable[[Any], Handler]]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _EXTRA_COMMANDS[:] = _extra_commands()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings(args)
+        handler: Handler = args._handlers[args.command]
+        return handler(args, settings)
+    except LiquidStreamError as ex:
+        print(f"liquidstream {args.command}: error: {ex}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
