@@ -52,10 +52,16 @@ class OperatorSettings:
     cooldown_s: float = 60.0
     #: An open alert closes after this long even if scores stay high (the new level is accepted as normal).
     max_alert_s: float = 900.0
+    #: Sustained deviation: an alert also opens when the short running mean of squared standardised
+    #: residuals (smoothing ``sustained_alpha`` per reading) exceeds ``sustained_ratio`` times the device's
+    #: long-run mean.  Catches changes that are moderate at every reading but persistent (a frequency change).
+    sustained_alpha: float = 0.1
+    sustained_ratio: float = 4.0
     #: A channel repeating exactly the same value this many readings in a row counts as a stuck sensor.
     stuck_after: int = 8
-    #: Smoothing factor of the per-device running statistics (normalisation and score), per reading.
-    stats_alpha: float = 0.02
+    #: Smoothing factor of the per-device running statistics (normalisation, score, calibration), per
+    #: reading: about 1/alpha readings of memory, which should span a few periods of the slowest rhythm.
+    stats_alpha: float = 0.005
     #: Devices with no event for this long (event time, seconds) are evicted by ``evict_idle``.
     state_ttl_s: float = 24 * 3600.0
     #: Channels named in an alert: the ``top_channels`` with the largest standardised residuals.
@@ -69,6 +75,8 @@ class OperatorSettings:
             "stats_alpha": self.stats_alpha,
             "state_ttl_s": self.state_ttl_s,
             "max_alert_s": self.max_alert_s,
+            "sustained_alpha": self.sustained_alpha,
+            "sustained_ratio": self.sustained_ratio,
         }
         for name, value in positive.items():
             if not value > 0:

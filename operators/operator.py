@@ -26,6 +26,13 @@ from operators.waves import plan_waves
 
 #: Smoothing of the per-device gap estimate (the forecast horizon), per reading.
 _GAP_ALPHA = 0.1
+#: Squared residuals above this are clamped in the sustained-deviation statistic.
+_Z2_CLAMP = 25.0
+#: Bounds of the per-channel calibration (ratio of observed to predicted residual variance).
+_CALIB_CLAMP = 400.0
+_CALIB_MIN = 0.01
+#: Alert reasons by code, as recorded per event in the wave loop.
+_REASONS = ("forecast_deviation", "stuck_sensor", "sustained_deviation")
 #: Horizon assumed for a device that has sent a single reading, seconds.
 _DEFAULT_GAP_S = 1.0
 
@@ -104,49 +111,68 @@ class LiquidOperator:
         out_thr = torch.empty(m, device=dev)
         out_alert = torch.empty(m, dtype=torch.bool, device=dev)
         out_open = torch.empty(m, dtype=torch.bool, device=dev)
-        out_stuck = torch.empty(m, dtype=torch.bool, device=dev)
+        out_reason = torch.empty(m, dtype=torch.int8, device=dev)
         out_z = torch.empty(m, c, device=dev)
         for k in range(plan.n_waves):
             sl = slice(int(plan.bounds[k]), int(plan.bounds[k + 1]))
             self._wave(rows_all[sl], x_all[sl], ts_all[sl], dt_all[sl], cnt_all[sl], reset_all[sl],
                        out_f[sl], out_sd[sl], out_h[sl], out_score[sl], out_thr[sl], out_alert[sl],
-                       out_open[sl], out_stuck[sl], out_z[sl])
+                       out_open[sl], out_reason[sl], out_z[sl])
         # Device clocks and counters advance on the host, where the policies read them.
         np.maximum.at(host["last_ts_ms"], plan.rows, ts_ms[plan.source])
         np.add.at(host["count"], plan.rows, 1)
         return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, out_f, out_sd, out_h,
-                              out_score, out_thr, out_alert, out_open, out_stuck, out_z)
+                              out_score, out_thr, out_alert, out_open, out_reason, out_z)
 
     def _wave(self, idx: torch.Tensor, x: torch.Tensor, ts: torch.Tensor, dt: torch.Tensor, cnt: torch.Tensor,
               reset: torch.Tensor, o_f: torch.Tensor, o_sd: torch.Tensor, o_h: torch.Tensor,
               o_score: torch.Tensor, o_thr: torch.Tensor, o_alert: torch.Tensor, o_open: torch.Tensor,
-              o_stuck: torch.Tensor, o_z: torch.Tensor) -> None:
+              o_reason: torch.Tensor, o_z: torch.Tensor) -> None:
         s, st, model = self.settings, self.store.tensors, self.model
         first = cnt == 0
         h, x_last, mean, var = st["h"][idx], st["x_last"][idx], st["mean"][idx], st["var"][idx]
         # 1. forecast this reading from the state before it, at the real gap, and score it
         mu, sd = model.forecast(h, normalise(x_last, mean, var), dt)
         x_z = (x - mean) / scale(mean, var)  # unclipped: the score must see how far out a reading is
-        score, z = self.scorer.score(x_z, mu, sd)
+        # Per-device, per-channel calibration of the model's spread: a device the model finds harder (or
+        # easier) than average gets its own scale, so one threshold policy fits every device.
+        calib = st["calib"][idx]
+        score, z = self.scorer.score(x_z, mu, sd * torch.sqrt(calib))
         score = torch.where(first, torch.full_like(score, float("nan")), score)
         thr = self.scorer.threshold(st["score_mean"][idx], st["score_var"][idx])
         stuck_run = torch.where((x == x_last) & ~first.unsqueeze(1), st["stuck"][idx] + 1, 0).to(torch.int16)
         stuck = (stuck_run >= s.stuck_after).any(dim=1)
+        # Sustained deviation: short running mean of squared calibrated residuals (about 1 when normal),
+        # clamped so that one spike is left to the instantaneous score.  The statistics are meaningless
+        # while the device's normalisation settles, so they start half-way through warm-up.
+        settled = cnt >= max(s.warmup_events // 2, 2)
+        z2 = torch.clamp((z * z).mean(dim=1), max=_Z2_CLAMP)
+        fast = st["z2_fast"][idx]
+        fast = torch.where(settled, fast + s.sustained_alpha * (z2 - fast), fast)
+        warm = cnt >= s.warmup_events
+        sustained = warm & (fast > s.sustained_ratio)
         # 2. alert state machine
         alert = self.scorer.step(
             AlertState(st["alert_open"][idx], st["alert_since_ms"][idx], st["cooldown_ms"][idx], st["calm"][idx]),
-            score, thr, stuck, ts, warm=cnt >= s.warmup_events)
+            score, thr, stuck | sustained, ts, warm=warm)
         learn = alert.learn.unsqueeze(1)
         # 3. statistics learn only outside alerts (a first reading always initialises them)
         new_mean, new_var = update_stats(mean, var, cnt, x, s.stats_alpha)
         mean = torch.where(learn, new_mean, mean)
         var = torch.where(learn, new_var, var)
-        score_ok = alert.learn & ~first
+        # Winsorised at the threshold: a burst of outliers cannot drag the threshold up after itself.
+        score_ok = alert.learn & settled
+        n_settled = (cnt - max(s.warmup_events // 2, 2) + 1).to(calib.dtype).clamp(min=1.0)
         sm, sv = update_stats(st["score_mean"][idx].unsqueeze(1), st["score_var"][idx].unsqueeze(1),
-                              cnt - 1, torch.clamp(score, max=CLIP_Z * 2).nan_to_num(0.0).unsqueeze(1),
+                              n_settled - 1, torch.minimum(score, thr).nan_to_num(0.0).unsqueeze(1),
                               s.stats_alpha)
         st["score_mean"][idx] = torch.where(score_ok, sm.squeeze(1), st["score_mean"][idx])
         st["score_var"][idx] = torch.where(score_ok, sv.squeeze(1), st["score_var"][idx])
+        raw_z2 = torch.clamp(z * z * calib, max=_CALIB_CLAMP)  # squared residual in the model's own units
+        w_cal = torch.clamp(1.0 / n_settled, min=s.stats_alpha).unsqueeze(1)
+        calib = torch.where(score_ok.unsqueeze(1), calib + w_cal * (raw_z2 - calib), calib)
+        st["calib"][idx] = torch.clamp(calib, min=_CALIB_MIN)
+        st["z2_fast"][idx] = fast
         # 4. fold the reading into the hidden state
         h = torch.where(reset.unsqueeze(1), torch.zeros_like(h), h)
         x_n = normalise(x, mean, var)
@@ -159,13 +185,13 @@ class LiquidOperator:
         mu2, sd2 = model.forecast(h, x_n, gap)
         sc = scale(mean, var)
         o_f.copy_(mean + mu2 * sc)
-        o_sd.copy_(sd2 * sc)
+        o_sd.copy_(sd2 * sc * torch.sqrt(st["calib"][idx]))
         o_h.copy_(gap)
         o_score.copy_(score)
         o_thr.copy_(thr)
         o_alert.copy_(alert.in_alert)
         o_open.copy_(alert.opened)
-        o_stuck.copy_(stuck)
+        o_reason.copy_(torch.where(stuck, 1, torch.where(sustained & ~(score > thr), 2, 0)).to(torch.int8))
         o_z.copy_(torch.where(stuck_run >= s.stuck_after, float("inf"), z))
         # 6. scatter back
         st["h"][idx], st["x_last"][idx], st["mean"][idx], st["var"][idx] = h, x, mean, var
@@ -175,7 +201,7 @@ class LiquidOperator:
 
     def _assemble(self, device_ids: Sequence[str], ts_ms: np.ndarray, status: np.ndarray, long_gap: np.ndarray,
                   source: np.ndarray, f: torch.Tensor, sd: torch.Tensor, hz: torch.Tensor, score: torch.Tensor,
-                  thr: torch.Tensor, in_alert: torch.Tensor, opened: torch.Tensor, stuck: torch.Tensor,
+                  thr: torch.Tensor, in_alert: torch.Tensor, opened: torch.Tensor, reason: torch.Tensor,
                   z: torch.Tensor) -> StepResult:
         n, c = len(device_ids), self.n_channels
 
@@ -192,14 +218,13 @@ class LiquidOperator:
         if opened_pos.numel():
             k = min(self.settings.top_channels, c)
             top = torch.topk(z[opened_pos], k, dim=1).indices.cpu().numpy()
-            stuck_np = stuck[opened_pos].cpu().numpy()
+            reason_np = reason[opened_pos].cpu().numpy()
             for j, p in enumerate(opened_pos.cpu().numpy().tolist()):
                 i = int(source[p])
                 sc, th = float(res_score[i]), float(res_thr[i])
                 alerts.append(Alert(device_ids[i], int(ts_ms[i]), sc, th,
-                                    self.scorer.severity(sc, th, bool(stuck_np[j])),
-                                    tuple(int(ch) for ch in top[j]),
-                                    "stuck_sensor" if stuck_np[j] else "forecast_deviation", i))
+                                    self.scorer.severity(sc, th), tuple(int(ch) for ch in top[j]),
+                                    _REASONS[int(reason_np[j])], i))
         return StepResult(status=status, long_gap=long_gap, forecast=scatter(f, nan, (n, c), np.float32),
                           forecast_std=scatter(sd, nan, (n, c), np.float32),
                           horizon_s=scatter(hz, nan, (n,), np.float32), score=res_score, threshold=res_thr,

@@ -5,7 +5,8 @@ residual ``|x - mean| / std`` over channels (a spike on one channel of eight is 
 threshold adapts per device: ``score_mean + threshold_sigma * score_std`` of the device's own recent
 calm scores, never below ``min_threshold``.  One incident gives one alert:
 
-* an alert **opens** when the score crosses the threshold (or a channel is stuck), the device is past
+* an alert **opens** when the score crosses the threshold (or a channel is stuck, or residuals stay
+  several times larger than usual for a while), the device is past
   warm-up and not cooling down;
 * it **stays open** until ``exit_after`` consecutive scores fall below ``exit_ratio * threshold``
   (hysteresis), or ``max_alert_s`` passes (the new level is then accepted as normal);
@@ -78,15 +79,19 @@ class AnomalyScorer:
         adaptive = score_mean + s.threshold_sigma * torch.sqrt(torch.clamp(score_var, min=0.0))
         return torch.clamp(adaptive, min=s.min_threshold)
 
-    def step(self, state: AlertState, score: torch.Tensor, threshold: torch.Tensor, stuck: torch.Tensor,
+    def step(self, state: AlertState, score: torch.Tensor, threshold: torch.Tensor, condition: torch.Tensor,
              ts_ms: torch.Tensor, warm: torch.Tensor) -> AlertStep:
-        """Advance the state machine by one reading per row; NaN scores (first readings) never trigger."""
+        """Advance the state machine by one reading per row; NaN scores (first readings) never trigger.
+
+        ``condition`` [B] bool: an abnormal condition that triggers whatever the score (a stuck channel, a
+        sustained deviation) and keeps an open alert from calming down.
+        """
         s = self.settings
-        trigger = (score > threshold) | stuck
+        trigger = (score > threshold) | condition
         opened = trigger & ~state.open & warm & (ts_ms >= state.cooldown_ms)
         is_open = state.open | opened
         since = torch.where(opened, ts_ms, state.since_ms)
-        calm_now = (score < s.exit_ratio * threshold) & ~stuck
+        calm_now = (score < s.exit_ratio * threshold) & ~condition
         calm = torch.where(is_open & calm_now & ~opened, state.calm + 1, torch.zeros_like(state.calm))
         expired = ts_ms - since > int(s.max_alert_s * 1000)
         closing = is_open & ~opened & ((calm >= s.exit_after) | expired)
@@ -97,6 +102,6 @@ class AnomalyScorer:
         return AlertStep(new_state, opened, still_open, learn=~is_open)
 
     @staticmethod
-    def severity(score: float, threshold: float, stuck: bool) -> str:
+    def severity(score: float, threshold: float) -> str:
         """``critical`` when the score is at least twice the threshold, else ``warning``."""
-        return "critical" if score >= 2.0 * threshold and not stuck else "warning"
+        return "critical" if score >= 2.0 * threshold else "warning"

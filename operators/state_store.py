@@ -12,6 +12,9 @@ field               dtype / shape    meaning
 ``mean``, ``var``   float32 [C]      running per-channel normalisation of this device (raw units)
 ``score_mean/var``  float32          running statistics of the device's anomaly score
 ``gap_ema``         float32          smoothed gap between readings, seconds (the forecast horizon)
+``z2_fast``         float32          short running mean of squared calibrated residuals (sustained deviation)
+``calib``           float32 [C]      long running mean of squared standardised residuals per channel: the
+                                     device's own calibration of the model's predicted variance
 ``alert_open``      bool             an alert is open on this device
 ``alert_since_ms``  int64            event time the open alert began, epoch ms
 ``cooldown_ms``     int64            no new alert before this event time, epoch ms
@@ -43,12 +46,16 @@ _TORCH_FIELDS: tuple[tuple[str, torch.dtype, str], ...] = (
     ("score_mean", torch.float32, ""),
     ("score_var", torch.float32, ""),
     ("gap_ema", torch.float32, ""),
+    ("z2_fast", torch.float32, ""),
+    ("calib", torch.float32, "C"),
     ("alert_open", torch.bool, ""),
     ("alert_since_ms", torch.int64, ""),
     ("cooldown_ms", torch.int64, ""),
     ("calm", torch.int32, ""),
     ("stuck", torch.int16, "C"),
 )
+#: Fields whose neutral value is 1 (variances and residual energies), so nothing divides by zero.
+_ONE_FIELDS = frozenset({"var", "z2_fast", "calib"})
 _HOST_FIELDS: tuple[tuple[str, type[np.generic]], ...] = (("last_ts_ms", np.int64), ("count", np.int32))
 
 
@@ -101,12 +108,12 @@ class DeviceStateStore:
         self._reset(np.arange(old, capacity, dtype=np.int64))
 
     def _reset(self, rows: np.ndarray) -> None:
-        """Put rows back to the state of a device never seen (var = 1 so nothing divides by zero)."""
+        """Put rows back to the state of a device never seen."""
         if rows.size == 0:
             return
         idx = torch.as_tensor(rows, device=self.device)
         for name, _, _ in _TORCH_FIELDS:
-            self.tensors[name][idx] = 1 if name == "var" else 0
+            self.tensors[name][idx] = 1 if name in _ONE_FIELDS else 0
         for hname, _ in _HOST_FIELDS:
             self.host[hname][rows] = 0
 

@@ -115,7 +115,7 @@ class Trainer:
     """
 
     def __init__(self, model: Forecaster, *, lr: float = 3e-3, window: int = 64, batch_devices: int = 256,
-                 stats_alpha: float = 0.02, grad_clip: float = 1.0, device: str | torch.device = "cpu",
+                 stats_alpha: float = 0.005, grad_clip: float = 1.0, device: str | torch.device = "cpu",
                  seed: int = 0) -> None:
         self.model = model.to(device)
         self.lr, self.window, self.batch_devices = lr, window, batch_devices

@@ -29,14 +29,14 @@ from pipeline.simulator import SimulatedStream, simulate
 @dataclass(frozen=True)
 class DemoConfig:
     devices: int = 200
-    duration_s: float = 1800.0  # simulated seconds per device
+    duration_s: float = 1500.0  # simulated seconds per device
     train_s: float = 600.0  # the first train_s seconds (incident-free) train the model; the rest is streamed
     channels: int = 4
     anomaly_rate: float = 3.0  # incidents per device per hour
     seed: int = 7
     cell: str = "cfc"
     hidden_size: int = 32
-    epochs: int = 8
+    epochs: int = 5
     plot_devices: int = 4
 
 
@@ -46,7 +46,7 @@ def train_model(stream: SimulatedStream, cfg: DemoConfig, settings: Settings, sh
     options: dict[str, object] = {"backbone_units": cfg.hidden_size} if cfg.cell == "cfc" else {}
     model = Forecaster(n_channels=cfg.channels, hidden_size=cfg.hidden_size, cell=cfg.cell, cell_options=options)
     seqs = Sequences.from_columns(list(stream.device_ids), stream.ts_ms, stream.values)
-    trainer = Trainer(model, window=32, batch_devices=256, lr=5e-3, stats_alpha=settings.operator.stats_alpha,
+    trainer = Trainer(model, window=32, batch_devices=256, lr=2e-3, stats_alpha=settings.operator.stats_alpha,
                       device=settings.torch_device(), seed=cfg.seed)
     start = time.perf_counter()
     with Progress("train", unit="step", enabled=show) as bar:

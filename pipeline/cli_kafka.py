@@ -1,0 +1,193 @@
+"""The Kafka sub-commands of ``liquidstream``: ``run`` (the stream worker), ``simulate`` (a fleet producer).
+
+Registered through :data:`COMMANDS` (``pipeline.cli`` imports it).  Flags whose destination is a
+:class:`~pipeline.settings.Settings` field (``--bootstrap``, ``--input-topic``, ``--group-id``, ``--model``,
+``--exit-when-idle`` -> ``exit_when_idle_s`` ...) default to None so that a flag left out keeps the
+``LIQUIDSTREAM_*`` environment's value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline.cli import Handler, device_flag
+from pipeline.errors import ConfigurationError
+from pipeline.settings import Settings
+
+if TYPE_CHECKING:  # torch is imported only by the commands that need it, not by `--help`
+    from operators.operator import LiquidOperator
+
+log = logging.getLogger("liquidstream")
+
+#: Channels of the untrained model served when ``run`` gets no ``--model``.
+DEFAULT_CHANNELS = 4
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        msg = f"must be >= 1, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects NaN
+        msg = f"must be >= 0, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {"ts_ms": int(record.created * 1000), "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(settings: Settings) -> None:
+    """Log lines to stderr (stdout carries the commands' JSON results), human or JSON per settings."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_JsonFormatter() if settings.log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+
+
+def _kafka_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers (LIQUIDSTREAM_BOOTSTRAP)")
+
+
+# ---------------------------------------------------------------------------------------------- run
+def register_run(sub: Any) -> Handler:
+    p = sub.add_parser("run", help="the stream worker: readings in; predictions, alerts, dead letters out")
+    _kafka_flags(p)
+    for flag in ("input", "predictions", "alerts", "dlq"):
+        p.add_argument(f"--{flag}-topic", default=None)
+    p.add_argument("--group-id", default=None, help="consumer group (a new group starts from earliest "
+                                                   "unless LIQUIDSTREAM_AUTO_OFFSET_RESET=latest)")
+    p.add_argument("--model", default=None, help="model.pt saved by `liquidstream train`/`demo`")
+    p.add_argument("--channels", type=_positive_int, default=None,
+                   help=f"channels of the untrained model used without --model (default {DEFAULT_CHANNELS})")
+    device_flag(p)
+    p.add_argument("--exit-when-idle", dest="exit_when_idle_s", type=_non_negative_float, default=None,
+                   metavar="SECONDS", help="stop (exit 0) after this long without input")
+    p.add_argument("--batch-max-messages", type=_positive_int, default=None)
+    p.add_argument("--batch-max-ms", type=_positive_int, default=None, help="ms to wait filling a batch")
+    return _cmd_run
+
+
+def build_operator(settings: Settings, channels: int | None) -> LiquidOperator:
+    """The :class:`LiquidOperator` to serve: the saved model, or an untrained persistence forecaster."""
+    from operators import Forecaster, LiquidOperator
+    from operators.model_io import load_model
+
+    device = settings.torch_device()
+    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        # A wave is a few dozen to a few thousand rows: intra-op threads cost more in hand-offs than they
+        # gain, and on a busy host they make each small matmul 3-5x slower.  OMP_NUM_THREADS overrides.
+        torch.set_num_threads(1)
+    if settings.model is None:
+        n = channels or DEFAULT_CHANNELS
+        log.warning("no --model given: serving an UNTRAINED model with %d channels (its forecast is the last "
+                    "reading, i.e. persistence); train one with `liquidstream train`", n)
+        return LiquidOperator(Forecaster(n_channels=n, hidden_size=16), settings.operator, device=device,
+                              model_version="untrained")
+    model, doc = load_model(settings.model, device)
+    if channels is not None and channels != model.n_channels:
+        msg = f"--channels {channels} does not match model {settings.model} ({model.n_channels} channels)"
+        raise ConfigurationError(msg)
+    log.info("model %s version %s (%d channels) on %s", settings.model, doc["version"], model.n_channels,
+             device)
+    return LiquidOperator(model, settings.operator, device=device, model_version=str(doc["version"]))
+
+
+def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.kafka_io import KafkaWorker
+
+    setup_logging(settings)
+    worker = KafkaWorker(settings, build_operator(settings, args.channels),
+                         worker_id=f"{socket.gethostname()}-{os.getpid()}")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, worker.stop)  # finish the batch, flush, commit, close, exit 0
+    return worker.run()
+
+
+# ---------------------------------------------------------------------------------------------- simulate
+def register_simulate(sub: Any) -> Handler:
+    p = sub.add_parser("simulate", help="produce a simulated fleet's readings (and injected faults) to Kafka")
+    _kafka_flags(p)
+    p.add_argument("--topic", default=None, help="input topic (default: LIQUIDSTREAM_INPUT_TOPIC)")
+    p.add_argument("--devices", type=_positive_int, default=100)
+    p.add_argument("--events", type=_positive_int, default=10_000, help="readings (faults come on top)")
+    p.add_argument("--rate", type=_non_negative_float, default=0.0, help="messages/s, 0 = no limit")
+    p.add_argument("--anomaly-rate", type=_non_negative_float, default=3.0,
+                   help="injected incidents per device per hour of simulated time")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--channels", type=_positive_int, default=DEFAULT_CHANNELS)
+    p.add_argument("--truth", default=None, help="write the ground-truth incidents here (JSONL)")
+    p.add_argument("--malformed", type=int, default=0, help="malformed messages to mix in (all kinds)")
+    p.add_argument("--duplicates", type=int, default=0, help="exact re-sends to mix in")
+    p.add_argument("--late", type=int, default=0, help="out-of-order (late) readings to mix in")
+    return _cmd_simulate
+
+
+def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
+    from confluent_kafka import Producer
+
+    from pipeline.kafka_io import DeliveryTracker, flush_checked, producer_config
+    from pipeline.simulate_kafka import build_messages, fleet_stream, produce_messages
+
+    setup_logging(settings)
+    if min(args.malformed, args.duplicates, args.late) < 0:
+        msg = "--malformed, --duplicates and --late must be >= 0"
+        raise ConfigurationError(msg)
+    topic = args.topic or settings.input_topic
+    now_ms = time.time_ns() // 1_000_000
+    stream = fleet_stream(args.devices, args.events, channels=args.channels, seed=args.seed,
+                          anomaly_rate=args.anomaly_rate, end_ms=now_ms)
+    messages = build_messages(stream, malformed=args.malformed, duplicates=args.duplicates, late=args.late,
+                              now_ms=now_ms, max_payload_bytes=settings.max_payload_bytes, seed=args.seed)
+    if args.truth:
+        stream.incidents_jsonl(Path(args.truth))
+    log.info("producing %d messages (%d readings, %d devices, %d incidents) to %s", len(messages),
+             len(stream.ts_ms), args.devices, len(stream.incidents), topic)
+    producer, tracker = Producer(producer_config(settings)), DeliveryTracker()
+    start = time.monotonic()
+    produce_messages(producer, topic, messages, rate=args.rate, on_delivery=tracker)
+    flush_checked(producer, tracker)
+    total_s = max(time.monotonic() - start, 1e-9)  # until every message was acknowledged
+    print(json.dumps({"topic": topic, "messages": len(messages), "readings": len(stream.ts_ms),
+                      "devices": args.devices, "malformed": args.malformed, "duplicates": args.duplicates,
+                      "late": args.late, "incidents": len(stream.incidents), "seconds": round(total_s, 3),
+                      "messages_per_s": round(len(messages) / total_s, 1)}), flush=True)
+    return 0
+
+
+#: ``(name, register)`` pairs; ``register(subparsers)`` adds the sub-command and returns its handler.
+COMMANDS: list[tuple[str, Callable[[Any], Handler]]] = [
+    ("run", register_run),
+    ("simulate", register_simulate),
+]
+
+
+def full_parser() -> argparse.ArgumentParser:
+    """``pipeline.cli``'s parser with these commands registered, exactly as ``liquidstream`` builds it."""
+    from pipeline import cli
+
+    cli._EXTRA_COMMANDS[:] = COMMANDS
+    return cli.build_parser()
