@@ -69,7 +69,8 @@ class Forecaster(nn.Module):
 
     def advance(self, h: torch.Tensor, x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         """Hidden state after reading ``x`` [B, C] arrived ``dt`` [B] seconds after the previous one."""
-        return self.cell(torch.cat([x, _dt_feature(dt)], dim=1), h, dt)
+        h_new: torch.Tensor = self.cell(torch.cat([x, _dt_feature(dt)], dim=1), h, dt)
+        return h_new
 
     def forecast(self, h: torch.Tensor, x_last: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std [B, C] of the reading ``dt`` [B] seconds after ``x_last`` [B, C]."""

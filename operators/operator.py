@@ -18,7 +18,7 @@ import torch
 from operators.config import OperatorSettings
 from operators.errors import InputError
 from operators.forecaster import Forecaster
-from operators.normalization import CLIP_Z, normalise, scale, update_stats
+from operators.normalization import normalise, scale, update_stats
 from operators.result import Alert, StepResult
 from operators.scoring import AlertState, AnomalyScorer
 from operators.state_store import DeviceStateStore
@@ -206,7 +206,7 @@ class LiquidOperator:
         n, c = len(device_ids), self.n_channels
 
         def scatter(t: torch.Tensor, fill: float | bool, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-            arr = np.full(shape, fill, dtype=dtype)
+            arr: np.ndarray = np.full(shape, fill, dtype=dtype)
             arr[source] = t.cpu().numpy()
             return arr
 

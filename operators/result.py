@@ -64,12 +64,14 @@ class StepResult:
 
     @property
     def applied(self) -> np.ndarray:
-        return (self.status != EventStatus.DUPLICATE_DROPPED) & (self.status != EventStatus.LATE_DROPPED)
+        applied: np.ndarray = (self.status != EventStatus.DUPLICATE_DROPPED) & (self.status != EventStatus.LATE_DROPPED)
+        return applied
 
     @property
     def forecast_ts_ms(self) -> np.ndarray:
         """Event time the forecast is for, epoch ms (int64)."""
-        return self.ts_ms + np.round(np.nan_to_num(self.horizon_s) * 1000.0).astype(np.int64)
+        fts: np.ndarray = self.ts_ms + np.round(np.nan_to_num(self.horizon_s) * 1000.0).astype(np.int64)
+        return fts
 
     def __len__(self) -> int:
         return int(self.status.shape[0])

@@ -124,14 +124,15 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def train_step(self, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, state: State) -> tuple[float, State]:
+    def train_step(self, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor,
+                   state: State) -> tuple[float, State]:
         """One optimiser step on one window; returns the mean NLL and the detached carried state."""
         self.model.train()
         nll, _, terms, new_state = rollout_loss(self.model, values, dt, mask, state, self.stats_alpha)
         loss = nll / torch.clamp(terms, min=1.0)
         self.optimizer.zero_grad(set_to_none=True)
         if terms.item() > 0:
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
         self.model.eval()

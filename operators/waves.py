@@ -63,7 +63,8 @@ def plan_waves(rows: np.ndarray, ts_ms: np.ndarray, last_ts_ms: np.ndarray, coun
     late = has_prev & (t < stored)
     dup = has_prev & ~late & (t == prev)
     status = np.where(has_prev, EventStatus.OK, EventStatus.FIRST).astype(np.int8)
-    status[dup] = EventStatus.DUPLICATE_DROPPED if settings.duplicate_policy == "drop" else EventStatus.DUPLICATE_ACCEPTED
+    drop_dup = settings.duplicate_policy == "drop"
+    status[dup] = EventStatus.DUPLICATE_DROPPED if drop_dup else EventStatus.DUPLICATE_ACCEPTED
     status[late] = EventStatus.LATE_DROPPED if settings.late_policy == "drop" else EventStatus.LATE_ACCEPTED
     applied = (status != EventStatus.DUPLICATE_DROPPED) & (status != EventStatus.LATE_DROPPED)
     # A dropped first event cannot happen: a device's first event has no previous time to conflict with.

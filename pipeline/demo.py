@@ -119,6 +119,8 @@ def _plot(path: Path, cfg: DemoConfig, ids: list[str], ts: np.ndarray, vals: np.
         ok = np.isfinite(forecasts[m]).all(axis=1)
         series.append(DeviceSeries(
             device_id=dev, ts_ms=ts[m], values=vals[m], forecast_ts_ms=fts[m][ok], forecast=forecasts[m][ok],
-            forecast_std=stds[m][ok], alert_ts_ms=np.array([a["ts"] for a in alerts if a["device_id"] == dev], np.int64),
+            forecast_std=stds[m][ok],
+            alert_ts_ms=np.array([a["ts"] for a in alerts if a["device_id"] == dev], np.int64),
             incidents=[(i.start_ms, i.end_ms) for i in incidents if i.device_id == dev]))
-    plot_devices(path, series, title="liquidstream demo: readings, next-reading forecast (±2σ), alerts, injected incidents")
+    plot_devices(path, series,
+                 title="liquidstream demo: readings, next-reading forecast (±2σ), alerts, injected incidents")

@@ -7,10 +7,10 @@ Per batch, in this order (at-least-once)::
     ->  commit the batch's offsets (last offset + 1 per partition), synchronously
 
 Offsets are committed only for records that Kafka acknowledged, so a crash anywhere re-delivers the batch
-(duplicates possible, gaps not).  Rebalance callbacks run inside ``consume()``/``close()``, i.e. between
-batches, when everything processed is already flushed; a commit that failed retriably (a rebalance in
-progress) is retried there before the partitions go.  Revoked or lost partitions' devices are dropped from
-the operator's store: their state belongs to the new owner (state hand-over is a later issue).
+(duplicates possible, gaps not).  Rebalance callbacks run inside ``consume()``/``close()``, between batches,
+when all that was processed is flushed; a commit that failed retriably (rebalance in progress) is retried
+there before the partitions go.  Revoked or lost partitions' devices are dropped from the operator's store:
+their state belongs to the new owner (state hand-over is a later issue).
 """
 
 from __future__ import annotations
@@ -98,15 +98,17 @@ def flush_checked(producer: Producer, tracker: DeliveryTracker, timeout_s: float
 class KafkaWorker:
     """One consumer-group member running the operator over its partitions until stopped or idle."""
 
-    def __init__(self, settings: Settings, operator: LiquidOperator, *, worker_id: str) -> None:
+    def __init__(self, settings: Settings, operator: LiquidOperator, *, worker_id: str,
+                 consumer: Consumer | None = None, producer: Producer | None = None) -> None:
+        """``consumer``/``producer`` replace the clients built from ``settings`` (tests)."""
         self.settings, self.operator, self.worker_id = settings, operator, worker_id
         self.topics = step.OutputTopics(settings.predictions_topic, settings.alerts_topic, settings.dlq_topic)
         self.limits = DecodeLimits.from_settings(settings, operator.n_channels)
         self.stats = step.Stats()
         self.registry = step.DeviceRegistry()
         self.tracker = DeliveryTracker()
-        self.consumer = Consumer(consumer_config(settings))
-        self.producer = Producer(producer_config(settings))
+        self.consumer = consumer or Consumer(consumer_config(settings))
+        self.producer = producer or Producer(producer_config(settings))
         self._assigned: set[TopicPart] = set()
         self._uncommitted: dict[TopicPart, int] = {}  # delivered but not yet committed (retriable failure)
         self._stop_reason: str | None = None

@@ -133,7 +133,7 @@ def run_replay(settings: Settings, input_path: Path, out_dir: Path, cfg: ReplayC
                 invalid.append({"line": int(batch.index[lo + i]) + 1, "reason": label,
                                 "detail": f"device {ids[i]!r} ts={int(res.ts_ms[i])} dropped by the {label} policy"})
             bar.update(hi, len(batch), alerts=n_alerts)
-    invalid.sort(key=lambda r: int(r["line"]))
+    invalid.sort(key=lambda r: int(str(r["line"])))
     with (out_dir / "invalid.jsonl").open("w") as f:
         f.writelines(json.dumps(r) + "\n" for r in invalid)
     lines = len(batch) + len(batch.rejects)
