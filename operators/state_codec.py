@@ -82,8 +82,16 @@ def decode_snapshot(blob: bytes, *, hidden_size: int, n_channels: int,
     offset = _PREFIX.size + hlen
     arrays: dict[str, np.ndarray] = {}
     n = len(devices)
-    for name, dtype_str, shape in fields:
-        dtype = np.dtype(dtype_str)
+    for entry in fields:
+        try:
+            name, dtype_str, shape = entry
+            dtype = np.dtype(dtype_str)
+            shape = tuple(int(d) for d in shape)
+            if dtype.hasobject or any(d < 0 for d in shape):
+                raise ValueError("object dtype or negative dimension")  # noqa: EM101
+        except (TypeError, ValueError) as ex:
+            msg = f"state snapshot has a malformed field entry {entry!r}: {ex}"
+            raise StateFormatError(msg) from ex
         count = n * int(np.prod(shape, dtype=np.int64))
         nbytes = count * dtype.itemsize
         if offset + nbytes > len(blob):

@@ -48,6 +48,10 @@ def plan_waves(rows: np.ndarray, ts_ms: np.ndarray, last_ts_ms: np.ndarray, coun
     ([2, 1, 0], [0.0, 0.0, 1.0], [0, 2, 3])
     """
     n = rows.shape[0]
+    if n == 0:
+        empty = np.zeros(0, np.int64)
+        return WavePlan(np.zeros(0, np.int8), np.zeros(0, bool), empty, empty, np.zeros(0, np.float32),
+                        np.zeros(0, bool), empty, np.zeros(1, np.int64))
     order = np.lexsort((np.arange(n), ts_ms, rows))  # by device row, then event time, then arrival
     r, t = rows[order], ts_ms[order]
     first_in_group = np.ones(n, dtype=bool)

@@ -117,6 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = _settings(args)
+        settings.configure_torch()
         handler: Handler = args._handlers[args.command]
         return handler(args, settings)
     except LiquidStreamError as ex:

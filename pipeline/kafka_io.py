@@ -119,11 +119,9 @@ class KafkaWorker:
         """Signal handler: finish the current batch, flush, commit, close, exit 0."""
         self._stop_reason = f"signal {signum}" if signum is not None else "stop requested"
 
-    # ------------------------------------------------------------------ loop
     def run(self) -> int:
         s = self.settings
-        self.consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
-                                on_lost=self._on_lost)
+        self.consumer.subscribe([s.input_topic], self._on_assign, self._on_revoke, self._on_lost)
         log.info("worker %s consuming %s as group %s (batches of <= %d messages / %d ms)", self.worker_id,
                  s.input_topic, s.group_id, s.batch_max_messages, s.batch_max_ms)
         code, batch = 0, list[Message]()
@@ -200,7 +198,6 @@ class KafkaWorker:
             self._warn(err.code(), "commit of %s[%s] deferred: %s", topic, partition, err.str())
             self._uncommitted[(topic, partition)] = pending[(topic, partition)]
 
-    # ------------------------------------------------------------------ rebalance callbacks
     def _on_assign(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned.update((tp.topic, tp.partition) for tp in partitions)
         self._last_activity = time.monotonic()
@@ -225,7 +222,6 @@ class KafkaWorker:
         names = sorted(f"{t}[{p}]" for t, p in gone)
         log.info("%s %s; dropped the state of %d device(s)", how, names, len(dropped))
 
-    # ------------------------------------------------------------------ shutdown and logging
     def _close(self, code: int) -> None:
         log.info("shutting down (%s)", self._stop_reason or f"exit code {code}")
         try:
@@ -246,8 +242,7 @@ class KafkaWorker:
             log.info("stats %s", json.dumps(self.stats.as_dict() | {"devices": len(self.operator.store)}))
 
     def _warn(self, code: int, fmt: str, *args: object) -> None:
-        """Log a recurring client error at most once per stats interval per error code."""
-        now = time.monotonic()
+        now = time.monotonic()  # a recurring client error: logged at most once per interval per code
         if now - self._warned.get(code, -STATS_EVERY_S) >= STATS_EVERY_S:
             self._warned[code] = now
             log.warning(fmt, *args)

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     model: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
+    #: PyTorch intra-op CPU threads; 0 = half the cores (at least 1).  Small per-wave tensors gain nothing
+    #: from many threads, and an oversubscribed machine (Kafka client threads, other processes) makes
+    #: OpenMP spin: measured 10x slower per batch with 2 threads than with 1 on a busy 2-core box.
+    torch_threads: int = Field(default=0, ge=0)
 
     # --- operations -------------------------------------------------------------------------------------
     metrics_port: int = Field(default=9108, ge=0, le=65535)
@@ -80,6 +84,15 @@ class Settings(BaseSettings):
                 conf[key] = str(path)
         conf.update(self.kafka_config)
         return conf
+
+    def configure_torch(self) -> None:
+        """Apply process-wide PyTorch settings (CPU threads); call once at start-up."""
+        import os
+
+        import torch
+
+        threads = self.torch_threads or max(1, (os.cpu_count() or 2) // 2)
+        torch.set_num_threads(threads)
 
     def torch_device(self) -> str:
         """``cuda`` when asked for or when ``auto`` finds a GPU, else ``cpu``."""

@@ -88,8 +88,9 @@ def _malformed(kind: str, dev: str, other: str, ts: int, c: int, limit: int,
         value = _js(good | {"values": [1e39, *values[1:]]})
     elif kind == "wrong_length":
         value = _js(good | {"values": values[:-1] if c > 1 and pick % 2 else [*values, 0.0]})
-    elif kind == "absurd_timestamp":  # before 2000, negative, or years ahead of the wall clock
-        value = _js(good | {"ts": [0, -5, 1_000, ts + 10 * 365 * 86_400_000, 2**62][pick]})
+    elif kind == "absurd_timestamp":  # negative or years ahead: out of range under any sane limits
+        year_ms = 365 * 86_400_000
+        value = _js(good | {"ts": [-5, -(2**40), ts + 10 * year_ms, ts + 100 * year_ms, 2**62][pick]})
     elif kind == "oversize":  # otherwise a valid reading: the size check must come first
         value = _js(good | {"pad": "x" * limit})
     elif kind == "invalid_utf8":

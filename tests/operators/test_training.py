@@ -1,0 +1,147 @@
+"""Training: sequence building, consistency of the training rollout with the serving operator, training steps."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from operators import Forecaster, LiquidOperator, OperatorSettings
+from operators.errors import InputError
+from operators.training import MIN_HISTORY, Sequences, Trainer, initial_state, rollout_loss
+
+T0 = 1_700_000_000_000
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread() -> Iterator[None]:
+    """Tiny tensors: intra-op threads only add overhead (tens of times slower on a busy 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+
+def test_from_columns_groups_sorts_pads() -> None:
+    ids = ["b", "a", "b", "c", "a", "b", "a"]
+    ts = np.array([T0 + 3000, T0 + 2500, T0 + 1000, T0, T0 + 1000, T0 + 1500, T0 + 1000])
+    vals = np.arange(14, dtype=np.float32).reshape(7, 2)
+    s = Sequences.from_columns(ids, ts, vals)
+    assert s.device_ids == ["a", "b", "c"]
+    assert s.values.shape == (3, 3, 2) and s.dt.shape == s.mask.shape == (3, 3)
+    assert s.values.dtype == s.dt.dtype == torch.float32 and s.mask.dtype == torch.bool
+    assert s.mask.tolist() == [[True, True, False], [True, True, True], [True, False, False]]
+    # a: 1000 (index 4 or its duplicate 6; one of them), 2500 (index 1)
+    assert s.values[0, 0].tolist() in (vals[4].tolist(), vals[6].tolist())
+    assert s.values[0, 1].tolist() == vals[1].tolist()
+    assert s.values[1].tolist() == [vals[2].tolist(), vals[5].tolist(), vals[0].tolist()]  # b by event time
+    assert s.values[2, 0].tolist() == vals[3].tolist()
+    assert s.dt.tolist() == [[0.0, 1.5, 0.0], [0.0, 0.5, 1.5], [0.0, 0.0, 0.0]]
+    assert (s.values[~s.mask] == 0).all()
+
+
+def test_from_columns_empty() -> None:
+    with pytest.raises(InputError):
+        Sequences.from_columns([], np.zeros(0, np.int64), np.zeros((0, 2), np.float32))
+
+
+def sinusoids(n_dev: int, n: int, c: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids, ts, vals = [], [], []
+    for d in range(n_dev):
+        gaps = rng.uniform(0.5, 2.0, size=n)
+        t = np.cumsum(gaps)
+        period = rng.uniform(8.0, 16.0)
+        v = 3.0 + 2.0 * np.sin(2 * np.pi * t[:, None] / period + rng.uniform(0, 6, size=c))
+        ids += [f"s{d}"] * n
+        ts.append(T0 + np.round(t * 1000).astype(np.int64))
+        vals.append(v + 0.05 * rng.standard_normal((n, c)))
+    return ids, np.concatenate(ts), np.concatenate(vals).astype(np.float32)
+
+
+@pytest.mark.parametrize("cell", ["cfc", "liquid"])
+def test_rollout_state_matches_operator(cell: str) -> None:
+    """Training runs the serving recurrence: same hidden state, statistics, last reading and count."""
+    torch.manual_seed(3)
+    c = 3
+    model = Forecaster(n_channels=c, hidden_size=8, cell=cell, head_units=16)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids, ts, vals = sinusoids(4, 25, c, seed=1)
+    keep = np.ones(len(ids), bool)
+    keep[[3, 30, 31]] = False  # uneven lengths: exercises padding
+    ids = [d for d, k in zip(ids, keep, strict=True) if k]
+    ts, vals = ts[keep], vals[keep]
+    alpha = 0.05
+    seqs = Sequences.from_columns(ids, ts, vals)
+    with torch.no_grad():
+        _, _, terms, (h, x_last, mean, var, count) = rollout_loss(
+            model, seqs.values, seqs.dt, seqs.mask, initial_state(model, len(seqs.device_ids), torch.device("cpu")),
+            alpha)
+    op = LiquidOperator(model, OperatorSettings(warmup_events=10**6, stats_alpha=alpha))
+    op.process(ids, ts, vals)
+    rows = op.store.lookup(seqs.device_ids)
+    st = op.store.tensors
+    for name, got in (("h", h), ("mean", mean), ("var", var), ("x_last", x_last)):
+        np.testing.assert_allclose(st[name][rows].numpy(), got.numpy(), rtol=1e-5, atol=1e-5, err_msg=name)
+    assert count.tolist() == op.store.host["count"][rows].tolist() == seqs.mask.sum(1).tolist()
+    assert terms.item() == sum(max(0, int(k) - MIN_HISTORY) for k in seqs.mask.sum(1).tolist())
+
+
+def test_training_reduces_loss_on_sinusoids() -> None:
+    torch.manual_seed(0)
+    ids, ts, vals = sinusoids(8, 80, 2, seed=2)
+    seqs = Sequences.from_columns(ids, ts, vals)
+    trainer = Trainer(Forecaster(n_channels=2, hidden_size=12, cell="cfc", head_units=24), lr=1e-2, window=40,
+                      batch_devices=8, stats_alpha=0.05, seed=0)
+    before = trainer.evaluate(seqs)
+    calls: list[tuple[int, int, float]] = []
+    history = trainer.fit(seqs, epochs=6, progress=lambda d, t, loss: calls.append((d, t, loss)))
+    after = trainer.evaluate(seqs)
+    assert len(history) == 6 and all(np.isfinite(history))
+    assert [c[0] for c in calls] == list(range(1, 13)) and {c[1] for c in calls} == {12}
+    assert history[-1] < history[0]
+    assert after["nll"] < before["nll"] - 0.1 and after["mse"] < before["mse"]
+
+
+def test_train_step_returns_detached_state_and_updates() -> None:
+    torch.manual_seed(1)
+    model = Forecaster(n_channels=2, hidden_size=6, cell="liquid", head_units=8)
+    trainer = Trainer(model, window=16, stats_alpha=0.05)
+    seqs = Sequences.from_columns(*sinusoids(3, 32, 2, seed=3))
+    state = initial_state(model, 3, torch.device("cpu"))
+    params0 = [p.detach().clone() for p in model.parameters()]
+    loss1, state = trainer.train_step(seqs.values[:, :16], seqs.dt[:, :16], seqs.mask[:, :16], state)
+    assert np.isfinite(loss1)
+    assert all(not s.requires_grad and s.grad_fn is None for s in state)
+    assert state[4].tolist() == [16.0, 16.0, 16.0]
+    assert any(not torch.equal(a, b) for a, b in zip(params0, model.parameters(), strict=True))
+    # The carried state feeds the next window (a second step works and backpropagates only through it).
+    loss2, state = trainer.train_step(seqs.values[:, 16:], seqs.dt[:, 16:], seqs.mask[:, 16:], state)
+    assert np.isfinite(loss2) and state[4].tolist() == [32.0, 32.0, 32.0]
+    assert not model.training
+
+
+def test_train_step_without_terms_changes_nothing() -> None:
+    torch.manual_seed(2)
+    model = Forecaster(n_channels=2, hidden_size=6, cell="cfc", head_units=8)
+    trainer = Trainer(model, window=4)
+    seqs = Sequences.from_columns(*sinusoids(2, 4, 2, seed=4))  # fewer readings than MIN_HISTORY
+    params0 = [p.detach().clone() for p in model.parameters()]
+    loss, _ = trainer.train_step(seqs.values, seqs.dt, seqs.mask, initial_state(model, 2, torch.device("cpu")))
+    assert loss == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(params0, model.parameters(), strict=True))
+
+
+def test_evaluate() -> None:
+    torch.manual_seed(3)
+    trainer = Trainer(Forecaster(n_channels=2, hidden_size=6, cell="ltc", head_units=8), stats_alpha=0.05)
+    seqs = Sequences.from_columns(*sinusoids(2, 20, 2, seed=5))
+    params0 = [p.detach().clone() for p in trainer.model.parameters()]
+    m = trainer.evaluate(seqs)
+    assert set(m) == {"nll", "mse"} and all(np.isfinite(v) for v in m.values()) and m["mse"] > 0
+    assert trainer.evaluate(seqs) == m, "evaluation is deterministic"
+    assert all(torch.equal(a, b) for a, b in zip(params0, trainer.model.parameters(), strict=True))

@@ -1,0 +1,353 @@
+"""Unit tests of the Kafka worker without a broker: the pure batch step (pipeline.worker), the fault
+generator (pipeline.simulate_kafka), client configs, and the consume/produce/flush/commit loop
+(pipeline.kafka_io.KafkaWorker) driven by fake clients."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+from confluent_kafka import KafkaError, Message, TopicPartition
+
+from operators import Forecaster, LiquidOperator, OperatorSettings
+from pipeline import codec
+from pipeline.cli import _settings
+from pipeline.cli_kafka import full_parser
+from pipeline.codec import DecodeLimits, decode_batch
+from pipeline.dlq import parse_dead_letter_headers
+from pipeline.errors import EncodeError, KafkaDeliveryError, PipelineError
+from pipeline.kafka_io import DeliveryTracker, KafkaWorker, consumer_config, producer_config
+from pipeline.settings import Settings
+from pipeline.simulate_kafka import (
+    FAULT_HEADER,
+    MALFORMED_KINDS,
+    build_messages,
+    fleet_stream,
+    malformed_messages,
+)
+from pipeline.worker import (
+    BatchOutput,
+    DeviceRegistry,
+    OutputTopics,
+    Stats,
+    describe_range,
+    handle_batch,
+    offsets_to_commit,
+)
+
+NOW_MS = 1_800_000_000_000
+TOPICS = OutputTopics("preds", "alerts", "dlq")
+LIMITS = DecodeLimits(n_channels=2, max_payload_bytes=4096, ts_min_ms=0, max_future_ms=60_000)
+
+
+def _operator() -> LiquidOperator:
+    return LiquidOperator(Forecaster(n_channels=2, hidden_size=4, cell="cfc"), OperatorSettings(),
+                          model_version="test")
+
+
+def _msg(partition: int, offset: int, key: bytes | None, value: bytes | None, topic: str = "readings",
+         headers: list[tuple[str, str | bytes | None]] | None = None) -> Message:
+    return Message(topic=topic, partition=partition, offset=offset, key=key, value=value, headers=headers)
+
+
+def _reading(dev: str, ts: int, values: tuple[float, float] = (1.0, 2.0)) -> bytes:
+    return json.dumps({"device_id": dev, "ts": ts, "values": list(values)}).encode()
+
+
+def _by_topic(out: BatchOutput) -> dict[str, list[Any]]:
+    grouped: dict[str, list[Any]] = {}
+    for rec in out.records:
+        grouped.setdefault(rec.topic, []).append(rec)
+    return grouped
+
+
+# ------------------------------------------------------------------------------------------- batch step
+def test_batch_routes_every_message_exactly_once() -> None:
+    msgs = [_msg(0, 10, b"a", _reading("a", NOW_MS - 3000)), _msg(1, 4, b"b", _reading("b", NOW_MS - 3000)),
+            _msg(0, 11, b"a", b"{not json"), _msg(1, 5, b"b", _reading("b", NOW_MS - 2000, (1.5, 2.5))),
+            _msg(0, 12, b"zz", _reading("a", NOW_MS - 1000), headers=[("trace", b"t-1")]),
+            _msg(1, 7, None, None)]
+    out = handle_batch(msgs, _operator(), TOPICS, LIMITS, NOW_MS, worker_id="w-1")
+    grouped = _by_topic(out)
+    assert out.consumed == 6 and out.predictions == 3 and sum(out.dead_letters.values()) == 3
+    assert out.dead_letters == Counter({"malformed_json": 1, "key_mismatch": 1, "empty": 1})
+    assert out.commits == {("readings", 0): 13, ("readings", 1): 8}
+    preds = [json.loads(r.value) for r in grouped["preds"]]
+    assert [(p["device_id"], p["source"]["partition"], p["source"]["offset"]) for p in preds] == \
+        [("a", 0, 10), ("b", 1, 4), ("b", 1, 5)]
+    assert [r.key for r in grouped["preds"]] == [b"a", b"b", b"b"]
+    assert [p["status"] for p in preds] == ["first", "first", "ok"] and preds[2]["model_version"] == "test"
+    dlq = {parse_dead_letter_headers(r.headers)["ls.source.offset"]: r for r in grouped["dlq"]}
+    assert sorted(dlq) == ["11", "12", "7"]
+    mismatch = dlq["12"]
+    assert mismatch.key == b"zz" and mismatch.value == msgs[4].value()
+    assert mismatch.headers[0] == ("trace", b"t-1")  # the original headers are forwarded first
+    hdrs = parse_dead_letter_headers(mismatch.headers)
+    assert hdrs["ls.error.class"] == "key_mismatch" and hdrs["ls.source.topic"] == "readings"
+    assert hdrs["ls.source.partition"] == "0" and hdrs["ls.worker"] == "w-1"
+    assert dlq["7"].key is None and dlq["7"].value is None
+    assert out.device_partitions == {"a": ("readings", 0), "b": ("readings", 1)}
+
+
+def test_late_and_duplicate_readings_go_to_the_dlq_with_their_original_bytes() -> None:
+    op = _operator()
+    first = [_msg(0, i, b"a", _reading("a", NOW_MS - 10_000 + 1000 * i)) for i in range(5)]
+    handle_batch(first, op, TOPICS, LIMITS, NOW_MS)
+    late, dup = _reading("a", NOW_MS - 9_500), _reading("a", NOW_MS - 6_000)
+    out = handle_batch([_msg(0, 5, b"a", late), _msg(0, 6, b"a", dup), _msg(0, 7, b"a", _reading("a", NOW_MS))],
+                       op, TOPICS, LIMITS, NOW_MS)
+    assert out.predictions == 1 and out.dead_letters == Counter({"late": 1, "duplicate": 1})
+    dlq = {parse_dead_letter_headers(r.headers)["ls.error.class"]: r for r in _by_topic(out)["dlq"]}
+    assert dlq["late"].value == late and dlq["duplicate"].value == dup and dlq["late"].key == b"a"
+    assert parse_dead_letter_headers(dlq["late"].headers)["ls.source.offset"] == "5"
+    assert "older than device 'a'" in parse_dead_letter_headers(dlq["late"].headers)["ls.error.reason"]
+
+
+def test_alerts_are_keyed_by_device_and_carry_their_source() -> None:
+    op = LiquidOperator(Forecaster(n_channels=2, hidden_size=4, cell="cfc"),
+                        OperatorSettings(warmup_events=3, stuck_after=3), model_version="test")
+    msgs = [_msg(2, i, b"s", _reading("s", NOW_MS - 60_000 + 1000 * i, (5.0, 1.0 + i))) for i in range(12)]
+    out = handle_batch(msgs, op, TOPICS, LIMITS, NOW_MS)
+    alerts = [json.loads(r.value) for r in _by_topic(out).get("alerts", [])]
+    assert out.alerts == len(alerts) >= 1  # channel 0 repeats 5.0: a stuck sensor
+    assert alerts[0]["device_id"] == "s" and alerts[0]["source"]["partition"] == 2
+    assert all(r.key == b"s" for r in _by_topic(out)["alerts"])
+
+
+def test_unencodable_prediction_becomes_a_dead_letter(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = codec.encode_json
+
+    def flaky(obj: object) -> bytes:
+        if isinstance(obj, dict) and obj.get("device_id") == "bad":
+            msg = "cannot encode record as JSON: Out of range float values are not JSON compliant"
+            raise EncodeError(msg)
+        return real(obj)
+
+    monkeypatch.setattr("pipeline.worker.encode_json", flaky)
+    out = handle_batch([_msg(0, 0, b"bad", _reading("bad", NOW_MS)), _msg(0, 1, b"ok", _reading("ok", NOW_MS))],
+                       _operator(), TOPICS, LIMITS, NOW_MS)
+    assert out.predictions == 1 and out.dead_letters == Counter({"non_finite": 1})
+
+
+def test_offsets_to_commit_is_last_offset_plus_one_per_partition() -> None:
+    msgs = [_msg(1, 7, b"k", b"v"), _msg(0, 3, b"k", b"v"), _msg(1, 5, b"k", b"v"), _msg(0, 9, b"k", b"v", "other")]
+    assert offsets_to_commit(msgs) == {("readings", 1): 8, ("readings", 0): 4, ("other", 0): 10}
+    assert offsets_to_commit([]) == {}
+    assert describe_range(msgs) == "other[0]@9..9, readings[0]@3..3, readings[1]@5..7"
+
+
+def test_message_without_offset_is_a_bug_not_a_reading() -> None:
+    with pytest.raises(PipelineError, match="without coordinates"):
+        handle_batch([Message(topic="readings", partition=0, value=b"{}")], _operator(), TOPICS, LIMITS, NOW_MS)
+
+
+def test_stats_invariant_and_report() -> None:
+    stats = Stats()
+    assert stats.balanced and stats.as_dict()["events_per_s"] is None
+    stats.first_message = time.monotonic() - 2.0
+    stats.add(BatchOutput(consumed=5, predictions=3, alerts=1,
+                          dead_letters=Counter({"late": 1, "schema": 1})), busy_s=0.5)
+    doc = stats.as_dict()
+    assert stats.balanced and doc["balanced"] and doc["late"] == 1 and doc["duplicates"] == 0
+    assert doc["dead_letters"] == 2 and doc["dead_letters_by_reason"] == {"late": 1, "schema": 1}
+    assert doc["busy_events_per_s"] == 10.0 and 2.0 <= 5 / doc["events_per_s"] <= 3.0
+    stats.add(BatchOutput(consumed=1), busy_s=0.1)
+    assert not stats.balanced and stats.batches == 2
+
+
+def test_device_registry_releases_only_the_revoked_partitions_devices() -> None:
+    reg = DeviceRegistry()
+    reg.note({"a": ("r", 0), "b": ("r", 1), "c": ("r", 0)})
+    reg.note({"c": ("r", 2)})  # the last partition seen wins
+    assert sorted(reg.release([("r", 0), ("r", 3)])) == ["a"] and len(reg) == 2
+
+
+# ------------------------------------------------------------------------------------------- simulator
+def test_malformed_messages_cover_every_kind_with_the_expected_dead_letter_class() -> None:
+    msgs = malformed_messages(3 * len(MALFORMED_KINDS), ["dev-1", "dev-2"], n_channels=2, now_ms=NOW_MS,
+                              max_payload_bytes=LIMITS.max_payload_bytes, seed=5)
+    assert Counter(m.fault for m in msgs) == Counter({k: 3 for k in MALFORMED_KINDS})
+    batch = decode_batch([m.value for m in msgs], [m.key for m in msgs], LIMITS, NOW_MS)
+    assert len(batch) == 0
+    assert [(msgs[r.index].fault, r.reason) for r in batch.rejects] == \
+        [(m.fault, MALFORMED_KINDS[m.fault or ""]) for m in msgs]
+    assert msgs[0].headers() == [(FAULT_HEADER, (msgs[0].fault or "").encode())]
+
+
+def test_fleet_stream_and_injected_faults() -> None:
+    stream = fleet_stream(20, 3000, channels=2, seed=3, anomaly_rate=20.0, end_ms=NOW_MS)
+    assert len(stream.ts_ms) == 3000 and len(set(stream.device_ids.tolist())) == 20
+    assert stream.ts_ms[-1] <= NOW_MS and bool(np.all(np.diff(stream.ts_ms) >= 0))
+    assert all(i.start_ms <= i.end_ms <= int(stream.ts_ms[-1]) for i in stream.incidents)
+    msgs = build_messages(stream, malformed=30, duplicates=10, late=5, now_ms=NOW_MS, seed=3)
+    assert len(msgs) == 3045 and Counter(m.fault for m in msgs)[None] == 3000
+    for i, m in enumerate(msgs):
+        if m.fault == "duplicate":
+            assert (msgs[i - 1].key, msgs[i - 1].value) == (m.key, m.value) and msgs[i - 1].fault is None
+    late = [json.loads(m.value or b"") for m in msgs if m.fault == "late"]
+    firsts: dict[str, int] = {}
+    for dev, ts in zip(stream.device_ids.tolist(), stream.ts_ms.tolist(), strict=True):
+        firsts.setdefault(dev, ts)
+    assert len({r["device_id"] for r in late}) == 5 and all(r["ts"] == firsts[r["device_id"]] - 1000 for r in late)
+    assert [m.fault for m in msgs[:2700] if m.fault == "late"] == []  # late ones sit in the last tenth
+
+
+# ------------------------------------------------------------------------------------------- configs, CLI
+def test_client_configs_keep_the_at_least_once_settings() -> None:
+    settings = Settings(bootstrap="b:1", group_id="g", auto_offset_reset="latest",
+                        kafka_config={"enable.auto.commit": "true", "enable.idempotence": "false",
+                                      "partition.assignment.strategy": "range", "linger.ms": "50"})
+    cons, prod = consumer_config(settings), producer_config(settings)
+    assert cons["enable.auto.commit"] is False and cons["group.id"] == "g"
+    assert cons["auto.offset.reset"] == "latest" and cons["partition.assignment.strategy"] == "range"
+    assert prod["enable.idempotence"] is True and prod["linger.ms"] == "50" and prod["bootstrap.servers"] == "b:1"
+
+
+def test_run_flags_map_onto_settings() -> None:
+    args = full_parser().parse_args(["run", "--bootstrap", "k:9092", "--input-topic", "in", "--group-id", "g",
+                                     "--exit-when-idle", "2.5", "--batch-max-messages", "7", "--batch-max-ms",
+                                     "9", "--model", "m.pt", "--device", "cpu", "--dlq-topic", "d"])
+    s = _settings(args)
+    assert (s.bootstrap, s.input_topic, s.group_id, s.exit_when_idle_s, s.batch_max_messages, s.batch_max_ms,
+            str(s.model), s.device, s.dlq_topic) == ("k:9092", "in", "g", 2.5, 7, 9, "m.pt", "cpu", "d")
+    assert _settings(full_parser().parse_args(["run"])).exit_when_idle_s is None
+    with pytest.raises(SystemExit):
+        full_parser().parse_args(["run", "--batch-max-messages", "0"])
+
+
+# ------------------------------------------------------------------------------------------- the loop
+class FakeProducer:
+    def __init__(self, log: list[str], fail_topic: str | None = None) -> None:
+        self.log, self.fail_topic = log, fail_topic
+        self.queued: list[tuple[str, Callable[[Any, Any], None]]] = []
+        self.sent: list[tuple[str, bytes | None]] = []
+
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, **kw: Any) -> None:
+        self.log.append(f"produce:{topic}")
+        self.queued.append((topic, kw["on_delivery"]))
+        self.sent.append((topic, key))
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, timeout: float = -1) -> int:
+        self.log.append("flush")
+        for topic, callback in self.queued:
+            err = KafkaError(KafkaError._MSG_TIMED_OUT) if topic == self.fail_topic else None
+            callback(err, Message(topic=topic, partition=0))
+        self.queued.clear()
+        return 0
+
+
+class FakeConsumer:
+    """Assigns partitions 0 and 1 on the first consume, then serves ``batches`` one per call."""
+
+    def __init__(self, log: list[str], batches: list[list[Message]],
+                 on_call: Callable[[int], None] | None = None) -> None:
+        self.log, self.batches, self.on_call, self.calls = log, batches, on_call, 0
+        self.commits: list[dict[tuple[str, int], int]] = []
+        self.callbacks: dict[str, Any] = {}
+
+    def subscribe(self, topics: list[str], **callbacks: Any) -> None:
+        self.callbacks = callbacks
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> list[Message]:
+        self.calls += 1
+        if self.calls == 1:
+            self.callbacks["on_assign"](self, [TopicPartition("readings", 0), TopicPartition("readings", 1)])
+        if self.on_call is not None:
+            self.on_call(self.calls)
+        return self.batches.pop(0) if self.batches else []
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool = True) -> list[TopicPartition]:
+        self.log.append("commit")
+        self.commits.append({(tp.topic, tp.partition): tp.offset for tp in offsets})
+        return offsets
+
+    def close(self) -> None:
+        self.log.append("close")
+        self.callbacks["on_revoke"](self, [TopicPartition("readings", 0), TopicPartition("readings", 1)])
+
+
+def _worker(batches: list[list[Message]], *, fail_topic: str | None = None,
+            on_call: Callable[[int], None] | None = None) -> tuple[KafkaWorker, FakeConsumer, list[str]]:
+    log: list[str] = []
+    consumer = FakeConsumer(log, batches, on_call)
+    settings = Settings(exit_when_idle_s=0.0, predictions_topic="preds", dlq_topic="dlq", ts_min_ms=0)
+    worker = KafkaWorker(settings, _operator(), worker_id="w", consumer=consumer,  # type: ignore[arg-type]
+                         producer=FakeProducer(log, fail_topic))  # type: ignore[arg-type]
+    return worker, consumer, log
+
+
+def _now_batch(partition: int, start: int, n: int, dev: str) -> list[Message]:
+    now = time.time_ns() // 1_000_000
+    return [_msg(partition, start + i, dev.encode(), _reading(dev, now - 10_000 + 10 * (start + i)))
+            for i in range(n)]
+
+
+def test_loop_produces_then_flushes_then_commits(capsys: pytest.CaptureFixture[str]) -> None:
+    batch = _now_batch(0, 0, 3, "a") + _now_batch(1, 40, 2, "b") + [_msg(1, 42, b"b", b"garbage")]
+    worker, consumer, log = _worker([batch, _now_batch(0, 3, 2, "a")])
+    assert worker.run() == 0
+    assert log == ["produce:dlq"] + ["produce:preds"] * 5 + ["flush", "commit"] + \
+        ["produce:preds"] * 2 + ["flush", "commit", "close", "flush"]
+    assert consumer.commits == [{("readings", 0): 3, ("readings", 1): 43}, {("readings", 0): 5}]
+    final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert final["consumed"] == 8 and final["predictions"] == 7 and final["dead_letters"] == 1
+    assert final["balanced"] and final["exit_code"] == 0 and final["batches"] == 2
+    assert len(worker.operator.store) == 0  # closing revoked both partitions: their devices were dropped
+
+
+def test_failed_delivery_exits_non_zero_without_committing() -> None:
+    worker, consumer, log = _worker([_now_batch(0, 0, 3, "a")], fail_topic="preds")
+    assert worker.run() == 2
+    assert consumer.commits == [] and "commit" not in log and worker.stats.consumed == 0
+
+
+def test_bug_in_processing_exits_non_zero_without_committing(monkeypatch: pytest.MonkeyPatch) -> None:
+    worker, consumer, log = _worker([_now_batch(0, 0, 3, "a")])
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        msg = "boom"
+        raise RuntimeError(msg)
+
+    monkeypatch.setattr(worker.operator, "process", broken)
+    assert worker.run() == 1
+    assert consumer.commits == [] and not any(e.startswith("produce") for e in log)
+
+
+def test_stop_signal_finishes_the_current_batch_then_exits_zero() -> None:
+    holder: list[KafkaWorker] = []
+    worker, consumer, _ = _worker([_now_batch(0, 0, 3, "a"), _now_batch(0, 3, 3, "a")],
+                                  on_call=lambda n: holder[0].stop(15) if n == 1 else None)
+    holder.append(worker)
+    assert worker.run() == 0
+    assert consumer.commits == [{("readings", 0): 3}] and len(consumer.batches) == 1
+
+
+def test_revoked_partition_messages_are_left_for_the_new_owner() -> None:
+    def revoke(n: int) -> None:
+        if n == 2:
+            consumer.callbacks["on_revoke"](consumer, [TopicPartition("readings", 1)])
+
+    worker, consumer, _ = _worker([_now_batch(1, 0, 2, "b"), _now_batch(1, 2, 2, "b") + _now_batch(0, 0, 1, "a")],
+                                  on_call=revoke)
+    assert worker.run() == 0
+    assert consumer.commits == [{("readings", 1): 2}, {("readings", 0): 1}]
+    assert worker.stats.skipped_revoked == 2 and worker.stats.balanced
+
+
+def test_delivery_tracker_reports_the_first_failure() -> None:
+    tracker = DeliveryTracker()
+    tracker(None, Message(topic="p", partition=0))
+    tracker.check()
+    tracker(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE), Message(topic="dlq", partition=3))
+    with pytest.raises(KafkaDeliveryError, match=r"dlq\[3\]") as info:
+        tracker.check()
+    assert info.value.topic == "dlq" and info.value.partition == 3
+    tracker.check()  # cleared
