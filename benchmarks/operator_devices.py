@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
 
 
 def make_events(devices: int, per_device: int, channels: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -61,8 +61,11 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=200_000)
     p.add_argument("--cell", default="cfc")
     p.add_argument("--skip-cpu", action="store_true")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = half the cores)")
     args = p.parse_args()
-    Settings().configure_torch()  # same CPU thread policy as the worker (LIQUIDSTREAM_TORCH_THREADS)
+    # The worker's policy (pipeline.settings.Settings.configure_torch): half the cores.  Not imported, so
+    # this script runs where only torch and numpy are installed (the GPU machine).
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     torch.manual_seed(0)
     model = Forecaster(n_channels=args.channels, hidden_size=args.hidden, cell=args.cell)
     ids, ts, vals = make_events(args.devices, args.events_per_device, args.channels, seed=1)

@@ -76,9 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="simulate a fleet, train, stream and score it (no broker)")
     p.add_argument("--out", default="demo-output")
     p.add_argument("--devices", type=int, default=200)
-    p.add_argument("--duration-s", type=float, default=1500.0)
+    p.add_argument("--duration-s", type=float, default=1800.0)
     p.add_argument("--seed", type=int, default=7)
-    _model_flags(p, epochs=5)
+    _model_flags(p, epochs=8)
     handlers["demo"] = _cmd_demo
 
     p = sub.add_parser("replay", help="stream a JSONL file of readings through the operator")

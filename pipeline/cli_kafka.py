@@ -95,12 +95,6 @@ def build_operator(settings: Settings, channels: int | None) -> LiquidOperator:
     from operators.model_io import load_model
 
     device = settings.torch_device()
-    if device == "cpu" and "OMP_NUM_THREADS" not in os.environ:
-        import torch
-
-        # A wave is a few dozen to a few thousand rows: intra-op threads cost more in hand-offs than they
-        # gain, and on a busy host they make each small matmul 3-5x slower.  OMP_NUM_THREADS overrides.
-        torch.set_num_threads(1)
     if settings.model is None:
         n = channels or DEFAULT_CHANNELS
         log.warning("no --model given: serving an UNTRAINED model with %d channels (its forecast is the last "

@@ -29,14 +29,14 @@ from pipeline.simulator import SimulatedStream, simulate
 @dataclass(frozen=True)
 class DemoConfig:
     devices: int = 200
-    duration_s: float = 1500.0  # simulated seconds per device
+    duration_s: float = 1800.0  # simulated seconds per device
     train_s: float = 600.0  # the first train_s seconds (incident-free) train the model; the rest is streamed
     channels: int = 4
     anomaly_rate: float = 3.0  # incidents per device per hour
     seed: int = 7
     cell: str = "cfc"
     hidden_size: int = 32
-    epochs: int = 5
+    epochs: int = 8
     plot_devices: int = 4
 
 

@@ -205,11 +205,11 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
         consumer_auto_offset_reset=settings.auto_offset_reset, producer_acks=-1,
         producer_partitioner=librdkafka_partitioner,
         stream_buffer_maxsize=max(4096, settings.batch_max_messages))
-    source = app.topic(settings.input_topic, key_type=bytes, value_type=bytes, key_serializer="raw",
-                       value_serializer="raw")
-    table = app.tables.add(DeviceStateTable(
-        app, name=TABLE_NAME, beacon=app.tables.beacon, partitions=partitions, key_type=bytes,
-        value_type=bytes, key_serializer="raw", value_serializer="raw", help="device id -> state snapshot"))
+    raw: faust.Schema[bytes, bytes] = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
+                                                   value_serializer="raw")
+    source = app.topic(settings.input_topic, schema=raw)
+    table = app.tables.add(DeviceStateTable(app, name=TABLE_NAME, beacon=app.tables.beacon, partitions=partitions,
+                                            schema=raw, help="device id (UTF-8) -> DeviceStateStore snapshot"))
     step = FaustStep(app, settings, operator, cast(DeviceStateTable, table))
     within_s = settings.batch_max_ms / 1000.0
 

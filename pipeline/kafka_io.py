@@ -121,7 +121,8 @@ class KafkaWorker:
 
     def run(self) -> int:
         s = self.settings
-        self.consumer.subscribe([s.input_topic], self._on_assign, self._on_revoke, self._on_lost)
+        self.consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+                                on_lost=self._on_lost)
         log.info("worker %s consuming %s as group %s (batches of <= %d messages / %d ms)", self.worker_id,
                  s.input_topic, s.group_id, s.batch_max_messages, s.batch_max_ms)
         code, batch = 0, list[Message]()

@@ -99,7 +99,7 @@ def test_batch_equals_one_at_a_time_and_any_split(cell: str) -> None:
     ids, ts, vals = stream()
     whole = make_op(cell)
     full = whole.process(ids, ts, vals)
-    assert (full.status[1:] != EventStatus.FIRST).sum() > 0 and len(full.alerts) >= 3, "scenario must alert"
+    assert len(full.alerts) >= 3, "the scenario must exercise alerts"
     single = make_op(cell)
     singles = [single.process([ids[i]], ts[i:i + 1], vals[i:i + 1]) for i in range(len(ids))]
     assert_results_close(concat([full]), concat(singles))
@@ -151,6 +151,17 @@ def test_non_finite_reading_names_device(bad: float) -> None:
     with pytest.raises(InputError, match="'sensor-7'"):
         op.process(["ok-1", "sensor-7", "ok-2"], T0 + np.arange(3), vals)
     assert len(op.store) == 0, "a rejected batch must not create device state"
+
+
+@pytest.mark.xfail(strict=True, reason="bug: process() casts float event times with np.asarray(dtype=int64), "
+                                       "so a NaN/inf timestamp becomes INT64_MIN (late_dropped) instead of InputError")
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_timestamp_names_device(bad: float) -> None:
+    op = make_op()
+    ts = np.array([T0, bad, T0], dtype=np.float64)
+    with pytest.raises(InputError, match="'sensor-7'"):
+        op.process(["ok-1", "sensor-7", "ok-2"], ts, np.ones((3, C), np.float32))  # type: ignore[arg-type]
+    assert len(op.store) == 0
 
 
 @pytest.mark.parametrize(("n_ids", "ts_shape", "val_shape"), [

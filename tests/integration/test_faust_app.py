@@ -1,0 +1,260 @@
+"""The faust-streaming app (``python -m pipeline.faust_app worker``) against a real broker.
+
+Readings of a simulated fleet plus malformed messages go to a fresh input topic in two halves.  The app runs
+as a subprocess over the first half, is stopped with SIGTERM, and a *second* process serves the rest, so its
+devices must come back from the faust table's changelog.  The predictions must be exactly what
+``LiquidOperator.process`` plus :func:`pipeline.records.prediction_records` give over all readings in one go
+(the same weights, loaded in the test), one per valid reading (by source offset), and every malformed
+message must be in the dead-letter topic with the reason the codec gives its kind.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pytest
+import torch
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+
+from operators import Forecaster, LiquidOperator
+from operators.model_io import load_model, save_model
+from pipeline.dlq import HEADER_CLASS, HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, parse_dead_letter_headers
+from pipeline.records import alert_records, prediction_records
+from pipeline.settings import Settings
+from pipeline.simulate_kafka import FAULT_HEADER, MALFORMED_KINDS, SimMessage, malformed_messages
+from pipeline.simulator import SimulatedStream, simulate
+
+if TYPE_CHECKING:
+    from tests.conftest import MakeTopic
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEVICES = 10
+DURATION_S = 40.0  # simulated seconds: about 400 readings at one per device per second
+MALFORMED_PER_HALF = 15  # one of every malformed kind in each half
+PARTITIONS = 4
+RUN_DEADLINE_S = 90.0  # per app run: start-up (imports, group join, table recovery) plus processing
+STOP_TIMEOUT_S = 30.0
+TOL = 1e-4
+
+
+def _save_model(path: Path) -> Path:
+    torch.manual_seed(7)  # untrained but fixed weights: the test and the app load the same bytes
+    save_model(Forecaster(n_channels=4, hidden_size=16, cell="cfc"), path)
+    return path
+
+
+def _reading_messages(stream: SimulatedStream) -> list[SimMessage]:
+    return [SimMessage(r["device_id"].encode(), json.dumps(r, separators=(",", ":")).encode())
+            for r in stream.records()]
+
+
+def _interleave(valid: list[SimMessage], bad: list[SimMessage], seed: int) -> list[SimMessage]:
+    """``bad`` at random positions among ``valid`` (whose order is kept)."""
+    slots = sorted(np.random.default_rng(seed).choice(len(valid) + len(bad), len(bad), replace=False).tolist())
+    out, it_valid, it_bad = [], iter(valid), iter(bad)
+    for i in range(len(valid) + len(bad)):
+        out.append(next(it_bad) if slots and i == slots[0] else next(it_valid))
+        if slots and i == slots[0]:
+            slots.pop(0)
+    return out
+
+
+def _produce(bootstrap: str, topic: str, messages: list[SimMessage]) -> list[tuple[int, int]]:
+    """Send in order (idempotent producer: no reordering); returns each message's (partition, offset)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "linger.ms": 5})
+    coords: list[tuple[int, int] | None] = [None] * len(messages)
+
+    def delivered(i: int) -> Any:
+        def callback(err: KafkaError | None, msg: Message) -> None:
+            if err is not None:
+                raise KafkaException(err)
+            partition, offset = msg.partition(), msg.offset()
+            assert partition is not None and offset is not None
+            coords[i] = (partition, offset)
+        return callback
+
+    for i, m in enumerate(messages):
+        producer.produce(topic, key=m.key, value=m.value, headers=m.headers(), on_delivery=delivered(i))
+        producer.poll(0)
+    assert producer.flush(30) == 0, "input messages not delivered"
+    assert all(c is not None for c in coords)
+    return [c for c in coords if c is not None]
+
+
+class Collector:
+    """Reads output topics from the beginning, across both app runs."""
+
+    def __init__(self, bootstrap: str, topics: list[str]) -> None:
+        self.consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"it-faust-{uuid.uuid4().hex[:8]}",
+                                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        self.consumer.subscribe(topics)
+        self.records: dict[str, list[Message]] = {t: [] for t in topics}
+
+    def poll(self, seconds: float) -> None:
+        for msg in self.consumer.consume(num_messages=1000, timeout=seconds):
+            err = msg.error()
+            if err is not None and err.code() != KafkaError._PARTITION_EOF:
+                raise KafkaException(err)
+            if err is None:
+                self.records[msg.topic() or "?"].append(msg)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> int:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
+
+
+@pytest.fixture
+def run_app(tmp_path: Path) -> Iterator[Any]:
+    """Start the app as a subprocess; every process started is stopped (SIGTERM, then SIGKILL) at teardown."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(env_settings: dict[str, str], name: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = tmp_path / f"{name}.log"
+        env = os.environ | env_settings | {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+        with open(log, "wb") as fh:  # the child keeps its own descriptor
+            proc = subprocess.Popen([sys.executable, "-m", "pipeline.faust_app", "worker", "-l", "info"],
+                                    cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        procs.append(proc)
+        return proc, log
+
+    yield start
+    for proc in procs:
+        _stop(proc)
+
+
+def _wait_for(collector: Collector, proc: subprocess.Popen[bytes], log: Path, topic: str, want: int,
+              dlq: str, want_dlq: int) -> float:
+    started = time.monotonic()
+    while len(collector.records[topic]) < want or len(collector.records[dlq]) < want_dlq:
+        if proc.poll() is not None:
+            pytest.fail(f"faust app exited {proc.returncode}:\n{log.read_text()[-4000:]}")
+        if time.monotonic() - started > RUN_DEADLINE_S:
+            pytest.fail(f"{len(collector.records[topic])}/{want} predictions, {len(collector.records[dlq])}/"
+                        f"{want_dlq} dead letters after {RUN_DEADLINE_S} s:\n{log.read_text()[-4000:]}")
+        collector.poll(0.5)
+    return time.monotonic() - started
+
+
+def _headers(msg: Message) -> list[tuple[str, bytes | str | None]]:
+    headers = msg.headers() or []
+    return list(headers.items()) if isinstance(headers, dict) else list(headers)
+
+
+def _where(rec: dict[str, Any]) -> tuple[int, int]:
+    return rec["source"]["partition"], rec["source"]["offset"]
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return math.isclose(a, b, rel_tol=TOL, abs_tol=TOL)
+
+
+def test_faust_app_matches_operator_and_recovers_state(kafka_bootstrap: str, make_topic: MakeTopic,
+                                                      tmp_path: Path, run_app: Any) -> None:
+    source, predictions, alerts, dlq = (make_topic(PARTITIONS, prefix=p) for p in ("in", "pred", "alert", "dlq"))
+    model_path = _save_model(tmp_path / "model.pt")
+    env = {"LIQUIDSTREAM_BOOTSTRAP": kafka_bootstrap, "LIQUIDSTREAM_INPUT_TOPIC": source,
+           "LIQUIDSTREAM_PREDICTIONS_TOPIC": predictions, "LIQUIDSTREAM_ALERTS_TOPIC": alerts,
+           "LIQUIDSTREAM_DLQ_TOPIC": dlq, "LIQUIDSTREAM_GROUP_ID": f"it-{uuid.uuid4().hex[:8]}",
+           "LIQUIDSTREAM_MODEL": str(model_path), "LIQUIDSTREAM_DEVICE": "cpu",
+           "LIQUIDSTREAM_BATCH_MAX_MESSAGES": "64", "LIQUIDSTREAM_BATCH_MAX_MS": "50"}
+
+    stream = simulate(n_devices=DEVICES, duration_s=DURATION_S, seed=3)
+    first, second = stream.split_by_time(0.5)
+    device_ids = [str(d) for d in np.unique(stream.device_ids)]
+    now_ms = time.time_ns() // 1_000_000
+    halves = [_interleave(_reading_messages(part), malformed_messages(MALFORMED_PER_HALF, device_ids, n_channels=4,
+                                                                      now_ms=now_ms, seed=k), seed=k)
+              for k, part in enumerate((first, second))]
+    collector = Collector(kafka_bootstrap, [predictions, alerts, dlq])
+    sent: list[tuple[SimMessage, tuple[int, int]]] = []
+    try:
+        for k, messages in enumerate(halves):
+            sent += zip(messages, _produce(kafka_bootstrap, source, messages), strict=True)
+            n_valid = sum(m.fault is None for m, _ in sent)
+            proc, log = run_app(env, f"run{k}")
+            took = _wait_for(collector, proc, log, predictions, n_valid, dlq, len(sent) - n_valid)
+            code = _stop(proc)
+            print(f"run {k}: {n_valid} predictions after {took:.1f} s; exit {code}")
+            assert code == 0, log.read_text()[-4000:]
+        collector.poll(2.0)  # anything extra (a duplicate) that arrived late
+    finally:
+        collector.close()
+    recovery_log = (tmp_path / "run1.log").read_text()
+    assert "restored" in recovery_log, "second run did not restore devices from the table"
+
+    # Reference: the same weights over every valid reading in one call.
+    model, doc = load_model(model_path)
+    operator = LiquidOperator(model, Settings().operator, model_version=str(doc["version"]))
+    valid = [(json.loads(m.value or b""), c) for m, c in sent if m.fault is None]
+    result = operator.process([r["device_id"] for r, _ in valid], np.array([r["ts"] for r, _ in valid]),
+                              np.array([r["values"] for r, _ in valid], dtype=np.float32))
+    ids, sources = [r["device_id"] for r, _ in valid], [(source, p, o) for _, (p, o) in valid]
+    expected = {_where(rec): rec for _, rec in prediction_records(ids, result, operator.model_version, sources)}
+    expected_alerts = {_where(rec): rec for _, rec in alert_records(result, operator.model_version, sources)}
+    got: dict[tuple[int, int], dict[str, Any]] = {}
+    for msg in collector.records[predictions]:
+        rec = json.loads(msg.value() or b"")
+        where = _where(rec)
+        assert where not in got, f"two predictions for input {where}"
+        got[where] = rec
+        key = msg.key() or b""
+        assert key == rec["device_id"].encode(), "predictions are keyed by device id"
+        assert msg.partition() == zlib.crc32(key) % PARTITIONS, "outputs partitioned like librdkafka's default"
+    assert got.keys() == expected.keys()
+    for where, want in expected.items():
+        have = got[where]
+        exact = {k: v for k, v in want.items() if k not in ("forecast", "forecast_std", "score", "threshold")}
+        assert {k: have[k] for k in exact} == exact, where
+        assert have.keys() == want.keys()
+        for field in ("forecast", "forecast_std"):
+            assert all(_close(a, b) for a, b in zip(have[field], want[field], strict=True)), (where, field)
+        for field in ("score", "threshold"):
+            assert _close(have[field], want[field]), (where, field, have[field], want[field])
+
+    got_alerts = {_where(rec): rec for rec in (json.loads(m.value() or b"") for m in collector.records[alerts])}
+    assert got_alerts.keys() == expected_alerts.keys()
+    for where, want in expected_alerts.items():
+        assert {k: v for k, v in got_alerts[where].items() if k not in ("score", "threshold")} == \
+            {k: v for k, v in want.items() if k not in ("score", "threshold")}
+        assert _close(got_alerts[where]["score"], want["score"]), where
+    print(f"{len(got)} predictions, {len(got_alerts)} alerts, {len(collector.records[dlq])} dead letters: match")
+
+    by_coords = {c: m for m, c in sent}
+    lettered: list[str] = []
+    for msg in collector.records[dlq]:
+        headers = _headers(msg)
+        hdr = parse_dead_letter_headers(headers)
+        original = by_coords[(int(hdr[HEADER_PARTITION]), int(hdr[HEADER_OFFSET]))]
+        assert original.fault is not None, f"valid reading dead-lettered: {hdr}"
+        assert hdr[HEADER_CLASS] == MALFORMED_KINDS[original.fault].value, (original.fault, hdr)
+        assert hdr[HEADER_REASON], "every dead letter says why"
+        assert (msg.key(), msg.value()) == (original.key, original.value), "dead letter keeps the original"
+        assert (FAULT_HEADER, original.fault.encode()) in headers, "input headers are forwarded"
+        lettered.append(original.fault)
+    assert sorted(lettered) == sorted(m.fault for m, _ in sent if m.fault is not None)
