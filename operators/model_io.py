@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fo
     except (OSError, ValueError) as ex:
         msg = f"cannot read model config {cfg_file}: {ex}"
         raise ModelFormatError(msg) from ex
-    if doc.get("format") != CONFIG_FORMAT or not isinstance(doc.get("model"), dict):
-        msg = f"{cfg_file} is not a liquidstream model config (format {doc.get('format')!r})"
+    if not isinstance(doc, dict) or doc.get("format") != CONFIG_FORMAT or not isinstance(doc.get("model"), dict):
+        fmt = doc.get("format") if isinstance(doc, dict) else type(doc).__name__
+        msg = f"{cfg_file} is not a liquidstream model config (format {fmt!r})"
         raise ModelFormatError(msg)
     try:
         model = Forecaster(**doc["model"])
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    except (OSError, RuntimeError, TypeError, ConfigError) as ex:
+    # torch.load refuses unsafe or corrupt files with UnpicklingError, EOFError, KeyError, ValueError...
+    except (OSError, RuntimeError, TypeError, ValueError, KeyError, EOFError, pickle.UnpicklingError,
+            ConfigError) as ex:
         msg = f"cannot load model weights {path} with config {cfg_file}: {ex}"
         raise ModelFormatError(msg) from ex
     model = model.to(device).eval()

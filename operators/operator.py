@@ -87,7 +87,12 @@ class LiquidOperator:
     @torch.no_grad()
     def process(self, device_ids: Sequence[str], ts_ms: np.ndarray, values: np.ndarray) -> StepResult:
         """Apply a batch of readings (``ts_ms`` int64 epoch ms [N], ``values`` float32 [N, C])."""
-        ts_ms = np.asarray(ts_ms, dtype=np.int64)
+        raw_ts = np.asarray(ts_ms)
+        if raw_ts.dtype.kind == "f" and raw_ts.shape == (len(device_ids),) and not np.isfinite(raw_ts).all():
+            i = int(np.flatnonzero(~np.isfinite(raw_ts))[0])
+            msg = f"non-finite event time for device {device_ids[i]!r} (batch position {i})"
+            raise InputError(msg)
+        ts_ms = raw_ts.astype(np.int64, copy=False)
         values = np.asarray(values, dtype=np.float32)
         self._validate(device_ids, ts_ms, values)
         n, c = len(device_ids), self.n_channels
@@ -180,7 +185,8 @@ class LiquidOperator:
         gap = st["gap_ema"][idx]
         gap_dt = torch.clamp(dt, max=s.max_gap_s)
         gap = torch.where(first, torch.full_like(gap, _DEFAULT_GAP_S),
-                          torch.where(cnt == 1, gap_dt, gap + _GAP_ALPHA * (gap_dt - gap)))
+                          torch.where(dt <= 0, gap,  # a dt = 0 (accepted duplicate/late) says nothing of the rate
+                                      torch.where(cnt == 1, gap_dt, gap + _GAP_ALPHA * (gap_dt - gap))))
         # 5. forecast the next reading at the usual gap, back in raw units
         mu2, sd2 = model.forecast(h, x_n, gap)
         sc = scale(mean, var)
@@ -225,6 +231,7 @@ class LiquidOperator:
                 alerts.append(Alert(device_ids[i], int(ts_ms[i]), sc, th,
                                     self.scorer.severity(sc, th), tuple(int(ch) for ch in top[j]),
                                     _REASONS[int(reason_np[j])], i))
+        alerts.sort(key=lambda a: a.index)  # input order, not wave order
         return StepResult(status=status, long_gap=long_gap, forecast=scatter(f, nan, (n, c), np.float32),
                           forecast_std=scatter(sd, nan, (n, c), np.float32),
                           horizon_s=scatter(hz, nan, (n,), np.float32), score=res_score, threshold=res_thr,

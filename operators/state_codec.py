@@ -97,7 +97,8 @@ def decode_snapshot(blob: bytes, *, hidden_size: int, n_channels: int,
         if offset + nbytes > len(blob):
             msg = f"state snapshot truncated in field {name!r}"
             raise StateFormatError(msg)
-        arrays[name] = np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape((n, *shape))
+        # copy: frombuffer views are read-only, and callers hand them to torch
+        arrays[name] = np.frombuffer(blob, dtype=dtype, count=count, offset=offset).reshape((n, *shape)).copy()
         offset += nbytes
     if offset != len(blob):
         msg = f"state snapshot has {len(blob) - offset} trailing bytes"

@@ -12,6 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pydantic
+
 from operators.errors import LiquidStreamError
 from pipeline.settings import Settings
 
@@ -108,6 +110,8 @@ def _extra_commands() -> list[tuple[str, Callable[[Any], Handler]]]:
     return cli_kafka.COMMANDS
 
 
+#: Sub-commands that never run a model: they skip importing torch at start-up.
+_NO_TORCH = frozenset({"simulate"})
 _EXTRA_COMMANDS: list[tuple[str, Callable[[Any], Handler]]] = []
 
 
@@ -117,7 +121,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = _settings(args)
-        settings.configure_torch()
+    except pydantic.ValidationError as ex:
+        # A bad LIQUIDSTREAM_* value: say which, without a traceback.
+        print(f"liquidstream {args.command}: invalid settings: {ex}", file=sys.stderr)
+        return 2
+    try:
+        if args.command not in _NO_TORCH:
+            settings.configure_torch()
         handler: Handler = args._handlers[args.command]
         return handler(args, settings)
     except LiquidStreamError as ex:

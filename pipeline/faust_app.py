@@ -214,12 +214,18 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
     within_s = settings.batch_max_ms / 1000.0
 
     async def liquid_operator(stream: StreamT[bytes]) -> None:
+        log.info("DEBUGX agent start %r", stream)
         # noack_take yields the events themselves and leaves acking to us: only a handled batch is acked.
         async for batch in cast(faust.Stream[bytes], stream).noack_take(settings.batch_max_messages, within_s):
             events = cast(Sequence[EventT[Any]], batch)
-            await step.handle(events)
+            try:
+                await step.handle(events)
+            except BaseException:
+                log.exception("DEBUGX")
+                raise
             for event in events:
                 await stream.ack(event)
+        log.info("DEBUGX agent end")
 
     app.agent(source, name=AGENT_NAME)(liquid_operator)
     # mode's SignalHandlerT rejects every function, even one of exactly its documented shape

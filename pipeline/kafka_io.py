@@ -240,6 +240,13 @@ class KafkaWorker:
         now = time.monotonic()
         if now - self._last_stats >= STATS_EVERY_S:
             self._last_stats = now
+            # Idle-device eviction by *event* time (the newest event seen), so replaying old data through
+            # Kafka does not evict everything at once.
+            if len(self.operator.store):
+                evicted = self.operator.evict_idle(int(self.operator.store.host["last_ts_ms"].max()))
+                if evicted:
+                    log.info("evicted %d idle device(s) (state_ttl_s=%s)", len(evicted),
+                             self.settings.operator.state_ttl_s)
             log.info("stats %s", json.dumps(self.stats.as_dict() | {"devices": len(self.operator.store)}))
 
     def _warn(self, code: int, fmt: str, *args: object) -> None:

@@ -113,9 +113,6 @@ def test_bad_config_document(tmp_path: Path, text: str) -> None:
         load_model(path)
 
 
-@pytest.mark.xfail(strict=True, raises=AttributeError,
-                   reason="bug: a config JSON that is not an object (e.g. a list) raises AttributeError in "
-                          "load_model (doc.get) instead of ModelFormatError")
 @pytest.mark.parametrize("text", ["[1, 2]", '"a string"', "null"])
 def test_config_document_not_an_object(tmp_path: Path, text: str) -> None:
     path = tmp_path / "m.pt"
@@ -190,14 +187,11 @@ def test_unsafe_or_corrupt_weights_refused_without_running(tmp_path: Path, how: 
     save_model(make_model(), path)
     sentinel = tmp_path / "pwned"
     write_bad_weights(path, how, sentinel)
-    with pytest.raises(Exception):  # noqa: B017 - the type is the subject of the xfail test below
+    with pytest.raises(ModelFormatError):
         load_model(path)
     assert not sentinel.exists(), "loading a model executed a pickled payload"
 
 
-@pytest.mark.xfail(strict=True, raises=(pickle.UnpicklingError, EOFError, KeyError),
-                   reason="bug: load_model lets torch.load's UnpicklingError / EOFError / KeyError escape "
-                          "instead of raising ModelFormatError")
 @pytest.mark.parametrize("how", BAD_WEIGHTS)
 def test_unsafe_or_corrupt_weights_raise_model_format_error(tmp_path: Path, how: str) -> None:
     path = tmp_path / "m.pt"

@@ -153,8 +153,6 @@ def test_non_finite_reading_names_device(bad: float) -> None:
     assert len(op.store) == 0, "a rejected batch must not create device state"
 
 
-@pytest.mark.xfail(strict=True, reason="bug: process() casts float event times with np.asarray(dtype=int64), "
-                                       "so a NaN/inf timestamp becomes INT64_MIN (late_dropped) instead of InputError")
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_non_finite_timestamp_names_device(bad: float) -> None:
     op = make_op()
