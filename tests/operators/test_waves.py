@@ -7,7 +7,6 @@ then the policies are checked end to end through :class:`LiquidOperator` and its
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -24,13 +23,6 @@ from operators.waves import plan_waves
 T0 = 1_700_000_000_000  # epoch ms
 C = 2
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """Tiny tensors: intra-op threads only add overhead (tens of times slower on a busy 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 
