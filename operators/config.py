@@ -57,6 +57,11 @@ class OperatorSettings:
     #: long-run mean.  Catches changes that are moderate at every reading but persistent (a frequency change).
     sustained_alpha: float = 0.1
     sustained_ratio: float = 4.0
+    #: Level deviation, in standard deviations of the device's normal (frozen-in-alert) statistics: a
+    #: reading beyond ``level_sigma`` on any channel opens an alert; an open alert does not calm down while
+    #: readings stay beyond ``hold_sigma``.
+    level_sigma: float = 8.0
+    hold_sigma: float = 3.0
     #: A channel repeating exactly the same value this many readings in a row counts as a stuck sensor.
     stuck_after: int = 8
     #: Smoothing factor of the per-device running statistics (normalisation, score, calibration), per
@@ -77,6 +82,8 @@ class OperatorSettings:
             "max_alert_s": self.max_alert_s,
             "sustained_alpha": self.sustained_alpha,
             "sustained_ratio": self.sustained_ratio,
+            "level_sigma": self.level_sigma,
+            "hold_sigma": self.hold_sigma,
         }
         for name, value in positive.items():
             if not value > 0:

@@ -32,7 +32,7 @@ _Z2_CLAMP = 25.0
 _CALIB_CLAMP = 400.0
 _CALIB_MIN = 0.01
 #: Alert reasons by code, as recorded per event in the wave loop.
-_REASONS = ("forecast_deviation", "stuck_sensor", "sustained_deviation")
+_REASONS = ("forecast_deviation", "stuck_sensor", "sustained_deviation", "level_deviation")
 #: Horizon assumed for a device that has sent a single reading, seconds.
 _DEFAULT_GAP_S = 1.0
 
@@ -156,10 +156,12 @@ class LiquidOperator:
         fast = torch.where(settled, fast + s.sustained_alpha * (z2 - fast), fast)
         warm = cnt >= s.warmup_events
         sustained = warm & (fast > s.sustained_ratio)
+        level = x_z.abs().amax(dim=1)  # distance from the device's normal level, in its own std units
+        level_high = warm & (level > s.level_sigma)
         # 2. alert state machine
         alert = self.scorer.step(
             AlertState(st["alert_open"][idx], st["alert_since_ms"][idx], st["cooldown_ms"][idx], st["calm"][idx]),
-            score, thr, stuck | sustained, ts, warm=warm)
+            score, thr, stuck | sustained | level_high, ts, warm=warm, hold=level > s.hold_sigma)
         learn = alert.learn.unsqueeze(1)
         # 3. statistics learn only outside alerts (a first reading always initialises them)
         new_mean, new_var = update_stats(mean, var, cnt, x, s.stats_alpha)
@@ -197,7 +199,7 @@ class LiquidOperator:
         o_thr.copy_(thr)
         o_alert.copy_(alert.in_alert)
         o_open.copy_(alert.opened)
-        o_reason.copy_(torch.where(stuck, 1, torch.where(sustained & ~(score > thr), 2, 0)).to(torch.int8))
+        o_reason.copy_(torch.where(stuck, 1, torch.where(score > thr, 0, torch.where(sustained, 2, 3))).to(torch.int8))
         o_z.copy_(torch.where(stuck_run >= s.stuck_after, float("inf"), z))
         # 6. scatter back
         st["h"][idx], st["x_last"][idx], st["mean"][idx], st["var"][idx] = h, x, mean, var

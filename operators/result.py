@@ -37,7 +37,7 @@ class Alert:
     threshold: float
     severity: str  # "warning" | "critical"
     channels: tuple[int, ...]  # channel indices, largest standardised residual first
-    reason: str  # "forecast_deviation" | "stuck_sensor" | "sustained_deviation"
+    reason: str  # "forecast_deviation" | "stuck_sensor" | "sustained_deviation" | "level_deviation"
     index: int  # position of the triggering event in the process() input
 
 

@@ -8,8 +8,10 @@ calm scores, never below ``min_threshold``.  One incident gives one alert:
 * an alert **opens** when the score crosses the threshold (or a channel is stuck, or residuals stay
   several times larger than usual for a while), the device is past
   warm-up and not cooling down;
-* it **stays open** until ``exit_after`` consecutive scores fall below ``exit_ratio * threshold``
-  (hysteresis), or ``max_alert_s`` passes (the new level is then accepted as normal);
+* it **stays open** until ``exit_after`` consecutive readings are calm: score below ``exit_ratio *
+  threshold`` (hysteresis) *and* back within ``hold_sigma`` of the device's normal level, so a collective
+  anomaly (a valve stuck shut) stays one open alert for as long as it lasts; or until ``max_alert_s``
+  passes (the new level is then accepted as normal);
 * after it closes, no alert opens on that device for ``cooldown_s``;
 * the running statistics do not learn from readings inside an alert, so an incident cannot teach the
   detector that it is normal.
@@ -80,11 +82,12 @@ class AnomalyScorer:
         return torch.clamp(adaptive, min=s.min_threshold)
 
     def step(self, state: AlertState, score: torch.Tensor, threshold: torch.Tensor, condition: torch.Tensor,
-             ts_ms: torch.Tensor, warm: torch.Tensor) -> AlertStep:
+             ts_ms: torch.Tensor, warm: torch.Tensor, hold: torch.Tensor | None = None) -> AlertStep:
         """Advance the state machine by one reading per row; NaN scores (first readings) never trigger.
 
         ``condition`` [B] bool: an abnormal condition that triggers whatever the score (a stuck channel, a
-        sustained deviation) and keeps an open alert from calming down.
+        sustained deviation) and keeps an open alert from calming down; ``hold`` [B] bool only keeps an
+        open alert from calming down (the reading is still away from the device's normal level).
         """
         s = self.settings
         trigger = (score > threshold) | condition
@@ -92,6 +95,8 @@ class AnomalyScorer:
         is_open = state.open | opened
         since = torch.where(opened, ts_ms, state.since_ms)
         calm_now = (score < s.exit_ratio * threshold) & ~condition
+        if hold is not None:
+            calm_now = calm_now & ~hold
         calm = torch.where(is_open & calm_now & ~opened, state.calm + 1, torch.zeros_like(state.calm))
         expired = ts_ms - since > int(s.max_alert_s * 1000)
         closing = is_open & ~opened & ((calm >= s.exit_after) | expired)

@@ -57,6 +57,17 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.evaluate import evaluate_skab, format_table
+
+    report = evaluate_skab(settings, Path(args.data_dir), epochs=args.epochs, cell=args.cell,
+                           hidden_size=args.hidden_size, peers=not args.no_peers)
+    print(format_table(report))
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
 def _model_flags(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--cell", choices=["cfc", "ltc", "liquid"], default="cfc")
     p.add_argument("--hidden-size", type=int, default=32)
@@ -97,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p, epochs=8)
     handlers["train"] = _cmd_train
 
+    p = sub.add_parser("evaluate", help="evaluate on a public benchmark (SKAB) next to published baselines")
+    p.add_argument("benchmark", choices=["skab"])
+    p.add_argument("--data-dir", required=True, help="SKAB's data/ folder (e.g. ../shared/data/skab/data)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line holding f1, far, mar")
+    p.add_argument("--no-peers", action="store_true", help="skip the River peers")
+    _model_flags(p, epochs=20)
+    handlers["evaluate"] = _cmd_evaluate
+
     for name, register in _EXTRA_COMMANDS:
         handlers[name] = register(sub)
     parser.set_defaults(_handlers=handlers)
@@ -105,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[tuple[str, Callable[[Any], Handler]]]:
     """Sub-commands that live in their own modules (the Kafka worker and friends)."""
-    from pipeline import cli_kafka
+    from pipeline import cli_kafka, cli_ops
 
-    return cli_kafka.COMMANDS
+    return [*cli_kafka.COMMANDS, *cli_ops.COMMANDS]
 
 
 #: Sub-commands that never run a model: they skip importing torch at start-up.
-_NO_TORCH = frozenset({"simulate"})
+_NO_TORCH = frozenset({"simulate", "report"})
 _EXTRA_COMMANDS: list[tuple[str, Callable[[Any], Handler]]] = []
 
 

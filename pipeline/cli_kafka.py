@@ -86,6 +86,11 @@ def register_run(sub: Any) -> Handler:
                    metavar="SECONDS", help="stop (exit 0) after this long without input")
     p.add_argument("--batch-max-messages", type=_positive_int, default=None)
     p.add_argument("--batch-max-ms", type=_positive_int, default=None, help="ms to wait filling a batch")
+    p.add_argument("--guarantee", choices=["exactly_once", "at_least_once"], default=None,
+                   help="exactly_once (default): Kafka transactions; at_least_once: produce, flush, commit")
+    p.add_argument("--worker-id", default=None, help="stable identity of this instance (transactional id suffix;"
+                                                    " default host name + pid): keep it across restarts")
+    p.add_argument("--changelog-topic", default=None, help="state changelog (default <group-id>-state-changelog)")
     return _cmd_run
 
 
@@ -115,9 +120,9 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     setup_logging(settings)
     worker = KafkaWorker(settings, build_operator(settings, args.channels),
-                         worker_id=f"{socket.gethostname()}-{os.getpid()}")
+                         worker_id=settings.worker_id or f"{socket.gethostname()}-{os.getpid()}")
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, worker.stop)  # finish the batch, flush, commit, close, exit 0
+        signal.signal(sig, worker.stop)  # finish the batch, commit it, close, exit 0
     return worker.run()
 
 
@@ -143,8 +148,8 @@ def register_simulate(sub: Any) -> Handler:
 def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from confluent_kafka import Producer
 
-    from pipeline.kafka_io import DeliveryTracker, flush_checked, producer_config
     from pipeline.simulate_kafka import build_messages, fleet_stream, produce_messages
+    from pipeline.transactions import DeliveryTracker, flush_checked, producer_config
 
     setup_logging(settings)
     if min(args.malformed, args.duplicates, args.late) < 0:

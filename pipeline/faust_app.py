@@ -169,17 +169,20 @@ class FaustStep:
             out, snapshots = await asyncio.to_thread(self._compute, messages, saved)
             if saved:
                 log.info("restored %d device(s) from table %s", len(saved), TABLE_NAME)
-            for device, blob in snapshots.items():
-                key = device.encode("utf-8")
-                self.table.home[key] = out.device_partitions[device][1]
-                self.table[key] = blob
             self.registry.note(out.device_partitions)
             send = self.app.producer.send
             # (forwarded input headers may hold null values; aiokafka writes those as null headers)
             pending = [await send(r.topic, r.key, r.value, None, None, cast(Any, r.headers)) for r in out.records]
-            await asyncio.gather(*pending)  # delivered (acks=all) before the batch's offsets are acked
+            await asyncio.gather(*pending)  # delivered (acks=all) ...
+            for device, blob in snapshots.items():  # ... before the state that follows from them
+                key = device.encode("utf-8")
+                self.table.home[key] = out.device_partitions[device][1]
+                self.table[key] = blob
+            await self.app.producer.flush()  # the changelog too, before the batch's offsets are acked
         self.batches += 1
         self.consumed += out.consumed
+        from pipeline.worker import describe_range
+        log.info("DEBUGX batch %d: %s", self.batches, describe_range(messages))
         return out
 
     async def on_revoked(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
@@ -205,27 +208,24 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
         consumer_auto_offset_reset=settings.auto_offset_reset, producer_acks=-1,
         producer_partitioner=librdkafka_partitioner,
         stream_buffer_maxsize=max(4096, settings.batch_max_messages))
-    raw: faust.Schema[bytes, bytes] = faust.Schema(key_type=bytes, value_type=bytes, key_serializer="raw",
-                                                   value_serializer="raw")
-    source = app.topic(settings.input_topic, schema=raw)
+    # bytes in, bytes out: the app's raw serializers for the topic; key/value_type=bytes makes the table raw
+    # (its serializers come from the types, JSON otherwise).  No shared faust.Schema: the table's changelog
+    # topic would rewrite it, and a key that then fails to decode stops the stream without an error.
+    source = app.topic(settings.input_topic, key_type=bytes, value_type=bytes)
     table = app.tables.add(DeviceStateTable(app, name=TABLE_NAME, beacon=app.tables.beacon, partitions=partitions,
-                                            schema=raw, help="device id (UTF-8) -> DeviceStateStore snapshot"))
+                                            key_type=bytes, value_type=bytes,
+                                            help="device id (UTF-8) -> DeviceStateStore snapshot"))
     step = FaustStep(app, settings, operator, cast(DeviceStateTable, table))
     within_s = settings.batch_max_ms / 1000.0
 
     async def liquid_operator(stream: StreamT[bytes]) -> None:
-        log.info("DEBUGX agent start %r", stream)
         # noack_take yields the events themselves and leaves acking to us: only a handled batch is acked.
         async for batch in cast(faust.Stream[bytes], stream).noack_take(settings.batch_max_messages, within_s):
             events = cast(Sequence[EventT[Any]], batch)
-            try:
-                await step.handle(events)
-            except BaseException:
-                log.exception("DEBUGX")
-                raise
+            log.info("DEBUGX got %d", len(events))
+            await step.handle(events)
             for event in events:
                 await stream.ack(event)
-        log.info("DEBUGX agent end")
 
     app.agent(source, name=AGENT_NAME)(liquid_operator)
     # mode's SignalHandlerT rejects every function, even one of exactly its documented shape

@@ -34,6 +34,16 @@ class Settings(BaseSettings):
     dlq_topic: str = "readings-dlq"
     group_id: str = "liquidstream"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    #: exactly_once: predictions, alerts, dead letters, state changelog records and the input offsets are
+    #: committed in one Kafka transaction; at_least_once: produce, flush, then commit offsets.
+    guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    #: Compacted topic holding each device's state; default ``<group_id>-state-changelog`` so that two
+    #: consumer groups never share state.
+    changelog_topic: str | None = None
+    #: Prefix of the transactional ids (one per worker instance); default ``<group_id>-tx``.
+    transactional_id_prefix: str | None = None
+    #: Stable identity of this worker instance (transactional id suffix, logs); default host name + pid.
+    worker_id: str | None = None
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
@@ -84,6 +94,11 @@ class Settings(BaseSettings):
                 conf[key] = str(path)
         conf.update(self.kafka_config)
         return conf
+
+    @property
+    def changelog(self) -> str:
+        """The state changelog topic actually used."""
+        return self.changelog_topic or f"{self.group_id}-state-changelog"
 
     def configure_torch(self) -> None:
         """Apply process-wide PyTorch settings (CPU threads); call once at start-up."""

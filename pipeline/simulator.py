@@ -164,7 +164,8 @@ def _device(rngs: list[np.random.Generator], device_id: str, t_ms: NDArray[np.in
     windows: list[tuple[int, int]] = []
     applied: list[tuple[str, int, int, NDArray[np.intp], F64]] = []
     incidents: list[Incident] = []
-    for _ in range(rng.poisson(anomaly_rate * max(t[-1] - t[0] - prefix_s, 0.0) / 3600.0)):
+    span_s = float(t[-1] - t[0]) if len(t) else 0.0  # a short simulation can leave a device with no reading
+    for _ in range(rng.poisson(anomaly_rate * max(span_s - prefix_s, 0.0) / 3600.0)):
         kind = KINDS[int(rng.integers(len(KINDS)))]
         chans = np.sort(rng.choice(channels, int(rng.integers(1, channels + 1)), replace=False))
         sign = rng.choice([-1.0, 1.0], channels)

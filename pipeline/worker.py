@@ -1,21 +1,19 @@
 """The Kafka worker's batch step, free of Kafka: consumed messages in, records to produce and offsets out.
 
-:func:`handle_batch` is the whole per-batch logic of ``liquidstream run``: one columnar decode, one
-:meth:`LiquidOperator.process` call, then the output records (predictions and alerts keyed by device id,
-dead letters keyed by the original key) and the offsets to commit once they are all delivered.  It takes
-anything shaped like a ``confluent_kafka.Message`` and touches no client, so it is unit-tested without a
-broker; :mod:`pipeline.kafka_io` runs it in the consume/produce/flush/commit loop.
+:func:`handle_batch` is the per-batch logic of ``liquidstream run`` (run by :mod:`pipeline.kafka_io`): one
+columnar decode, one :meth:`LiquidOperator.process` call, the output records (predictions and alerts keyed
+by device id, dead letters by the original key) and the offsets to commit with them.  No client: unit-tested.
 
-Every consumed message leaves exactly one trace: a prediction, or a dead letter (codec rejects, and the
-operator's ``late``/``duplicate`` drops).  So ``consumed == predictions + dead letters`` per batch, which
-:class:`Stats` accumulates and checks.  Units: ``ts`` epoch milliseconds on the wire and in records.
+Every consumed message leaves exactly one trace: a prediction or a dead letter (codec rejects, and the
+operator's ``late``/``duplicate`` drops), so ``consumed == predictions + dead letters`` (:class:`Stats`).
+Units: ``ts`` epoch milliseconds on the wire and in records.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -23,14 +21,14 @@ import numpy as np
 
 from operators.operator import LiquidOperator
 from operators.result import EventStatus
+from operators.state_store import DeviceStateStore
 from pipeline.codec import DecodeLimits, decode_batch, encode_json
 from pipeline.dlq import DeadLetter, Headers
 from pipeline.errors import EncodeError, PipelineError
 from pipeline.records import SourceCoords, alert_records, prediction_records
 from pipeline.schemas import DeadLetterReason
 
-#: (topic, partition) of an input partition.
-TopicPart = tuple[str, int]
+TopicPart = tuple[str, int]  # (topic, partition) of an input partition
 
 
 class MessageLike(Protocol):
@@ -53,12 +51,13 @@ class OutputTopics:
 
 @dataclass(frozen=True)
 class OutRecord:
-    """One record to produce: ``Producer.produce(topic, key=, value=, headers=)``."""
+    """One record to produce: ``Producer.produce(topic, key=, value=, headers=[, partition=])``."""
 
     topic: str
     key: bytes | None
     value: bytes | None
     headers: Headers | None = None
+    partition: int | None = None  # None: by key; changelog records are pinned to their input partition
 
 
 @dataclass
@@ -71,8 +70,7 @@ class BatchOutput:
     predictions: int = 0
     alerts: int = 0
     dead_letters: Counter[str] = field(default_factory=Counter)
-    #: device id -> input partition it was read from (state is partitioned by key)
-    device_partitions: dict[str, TopicPart] = field(default_factory=dict)
+    device_partitions: dict[str, TopicPart] = field(default_factory=dict)  # device -> where it was read
 
 
 def coords(message: MessageLike) -> SourceCoords:
@@ -97,9 +95,8 @@ def describe_range(messages: Iterable[MessageLike]) -> str:
     """``readings[0]@10..52, readings[3]@7..7``: the partitions and offsets of a batch, for error logs."""
     spans: dict[tuple[str, int], tuple[int, int]] = {}
     for message in messages:
-        partition = message.partition()
+        partition, offset = message.partition(), message.offset() or 0
         where = (message.topic() or "?", -1 if partition is None else partition)
-        offset = message.offset() or 0
         lo, hi = spans.get(where, (offset, offset))
         spans[where] = (min(lo, offset), max(hi, offset))
     return ", ".join(f"{t}[{p}]@{lo}..{hi}" for (t, p), (lo, hi) in sorted(spans.items())) or "(empty)"
@@ -118,13 +115,36 @@ class DeviceRegistry:
     def note(self, device_partitions: dict[str, TopicPart]) -> None:
         self._where.update(device_partitions)
 
+    def partitions_of(self, devices: Iterable[str]) -> dict[str, TopicPart]:
+        return {d: self._where[d] for d in devices if d in self._where}
+
+    def forget(self, devices: Iterable[str]) -> None:
+        for d in devices:
+            self._where.pop(d, None)
+
     def release(self, partitions: Iterable[TopicPart]) -> list[str]:
         """Forget and return the devices last seen on ``partitions``."""
         gone = set(partitions)
         devices = [d for d, tp in self._where.items() if tp in gone]
-        for d in devices:
-            del self._where[d]
+        self.forget(devices)
         return devices
+
+
+class StateUndo:
+    """A batch's devices' state before it ran (``before_process=undo.take``), put back if it aborts."""
+
+    def __init__(self, store: DeviceStateStore) -> None:
+        self.store, self.before, self.known, self.seen = store, b"", list[str](), list[str]()
+
+    def take(self, device_ids: Sequence[str]) -> None:
+        self.seen = list(dict.fromkeys(device_ids))
+        self.known = [d for d in self.seen if d in self.store]
+        self.before = self.store.snapshot(self.known)
+
+    def apply(self) -> None:
+        self.store.drop(set(self.seen) - set(self.known))
+        if self.known:
+            self.store.restore(self.before)
 
 
 def _drop_detail(status: EventStatus, device_id: str, ts_ms: int) -> tuple[DeadLetterReason, str]:
@@ -134,22 +154,22 @@ def _drop_detail(status: EventStatus, device_id: str, ts_ms: int) -> tuple[DeadL
 
 
 def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topics: OutputTopics,
-                 limits: DecodeLimits, now_ms: int, worker_id: str | None = None) -> BatchOutput:
+                 limits: DecodeLimits, now_ms: int, worker_id: str | None = None,
+                 before_process: Callable[[Sequence[str]], None] | None = None) -> BatchOutput:
     """Decode, process and route one batch of consumed data messages (no Kafka I/O).
 
-    ``now_ms`` is the wall clock, epoch ms, for the codec's future-timestamp check.  The operator's state
-    advances; nothing else is touched.  Raises only on bugs (a message without coordinates, an operator
-    error on input the codec accepted): the caller must then not commit.
+    ``now_ms``: wall clock, epoch ms, for the future-timestamp check.  Only the operator's state changes;
+    ``before_process`` sees the decoded device ids just before (to snapshot them: :class:`StateUndo`).
+    Raises only on bugs (no coordinates, an operator error on accepted input): then do not commit.
     """
     out = BatchOutput(consumed=len(messages), commits=offsets_to_commit(messages))
     src = [coords(m) for m in messages]
-    failed_at = int(now_ms)
 
     def letter(i: int, reason: DeadLetterReason | str, detail: str) -> None:
         m = messages[i]
         t, p, o = src[i]
         dl = DeadLetter.build(reason, detail, key=m.key(), value=m.value(), topic=t, partition=p, offset=o,
-                              worker_id=worker_id, failed_at_ms=failed_at, original_headers=m.headers())
+                              worker_id=worker_id, failed_at_ms=int(now_ms), original_headers=m.headers())
         out.records.append(OutRecord(topics.dlq, dl.key, dl.value, dl.headers))
         out.dead_letters[dl.reason.value] += 1
 
@@ -157,6 +177,8 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
     for rej in decoded.rejects:
         letter(rej.index, rej.reason, rej.detail)
     rows = decoded.index.tolist()  # row k of the decoded columns is input message rows[k]
+    if before_process is not None:
+        before_process(decoded.device_ids)
     result = operator.process(decoded.device_ids, decoded.ts_ms, decoded.values)
     row_src = [src[i] for i in rows]
     for k, rec in prediction_records(decoded.device_ids, result, operator.model_version, row_src):
@@ -178,8 +200,7 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
         reason, detail = _drop_detail(EventStatus(int(result.status[k])), decoded.device_ids[k],
                                       int(decoded.ts_ms[k]))
         letter(rows[k], reason, detail)
-    for k, device_id in enumerate(decoded.device_ids):
-        out.device_partitions[device_id] = (row_src[k][0], row_src[k][1])
+    out.device_partitions.update((d, (t, p)) for d, (t, p, _) in zip(decoded.device_ids, row_src, strict=True))
     return out
 
 
@@ -193,46 +214,37 @@ class Stats:
     dead_letters: Counter[str] = field(default_factory=Counter)
     batches: int = 0
     skipped_revoked: int = 0  # fetched for a partition revoked meanwhile: left for its new owner
+    skipped_replayed: int = 0  # re-delivered, but already in the restored state (and its outputs delivered)
+    aborted: int = 0  # transactions aborted (their batches were rewound and consumed again)
+    restored_devices: int = 0  # device states read back from the changelog on assignment
+    restore_s: float = 0.0  # seconds spent restoring
     busy_s: float = 0.0  # seconds spent handling batches (decode to commit)
     started: float = field(default_factory=time.monotonic)
     first_message: float | None = None  # monotonic seconds
     last_commit: float | None = None
 
     @property
-    def late(self) -> int:
-        return self.dead_letters[DeadLetterReason.LATE.value]
-
-    @property
-    def duplicates(self) -> int:
-        return self.dead_letters[DeadLetterReason.DUPLICATE.value]
-
-    @property
-    def dead_letter_total(self) -> int:
-        return sum(self.dead_letters.values())
-
-    @property
     def balanced(self) -> bool:
-        return self.consumed == self.predictions + self.dead_letter_total
+        return self.consumed == self.predictions + sum(self.dead_letters.values())
 
     def add(self, out: BatchOutput, busy_s: float) -> None:
-        self.consumed += out.consumed
-        self.predictions += out.predictions
-        self.alerts += out.alerts
+        self.consumed, self.predictions, self.alerts = (self.consumed + out.consumed,
+                                                        self.predictions + out.predictions, self.alerts + out.alerts)
         self.dead_letters.update(out.dead_letters)
-        self.batches += 1
-        self.busy_s += busy_s
-        self.last_commit = time.monotonic()
+        self.batches, self.busy_s, self.last_commit = self.batches + 1, self.busy_s + busy_s, time.monotonic()
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready counters; ``events_per_s`` is over the active span (first message to last commit)."""
         now = time.monotonic()
         active = (self.last_commit or now) - (self.first_message or now)
+        letters = self.dead_letters
         return {"consumed": self.consumed, "predictions": self.predictions, "alerts": self.alerts,
-                "dead_letters": self.dead_letter_total,
-                "dead_letters_by_reason": dict(sorted(self.dead_letters.items())),
-                "late": self.late, "duplicates": self.duplicates, "batches": self.batches,
-                "skipped_revoked": self.skipped_revoked, "balanced": self.balanced,
-                "uptime_s": round(now - self.started, 3), "active_s": round(active, 3),
+                "dead_letters": sum(letters.values()), "dead_letters_by_reason": dict(sorted(letters.items())),
+                "late": letters[DeadLetterReason.LATE.value], "duplicates": letters[DeadLetterReason.DUPLICATE.value],
+                "batches": self.batches, "skipped_revoked": self.skipped_revoked,
+                "skipped_replayed": self.skipped_replayed, "aborted": self.aborted,
+                "restored_devices": self.restored_devices, "restore_s": round(self.restore_s, 3),
+                "balanced": self.balanced, "uptime_s": round(now - self.started, 3), "active_s": round(active, 3),
                 "busy_s": round(self.busy_s, 3),
                 "events_per_s": round(self.consumed / active, 1) if active > 0 else None,
                 "busy_events_per_s": round(self.consumed / self.busy_s, 1) if self.busy_s > 0 else None}

@@ -12,16 +12,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from operators import Forecaster, LiquidOperator, OperatorSettings
 from pipeline import codec
+from pipeline.changelog import PROGRESS_KEY, Restored, StateLayout
 from pipeline.cli import _settings
 from pipeline.cli_kafka import full_parser
 from pipeline.codec import DecodeLimits, decode_batch
 from pipeline.dlq import parse_dead_letter_headers
 from pipeline.errors import EncodeError, KafkaDeliveryError, PipelineError
-from pipeline.kafka_io import DeliveryTracker, KafkaWorker, consumer_config, producer_config
+from pipeline.kafka_io import KafkaWorker
 from pipeline.settings import Settings
 from pipeline.simulate_kafka import (
     FAULT_HEADER,
@@ -30,10 +31,12 @@ from pipeline.simulate_kafka import (
     fleet_stream,
     malformed_messages,
 )
+from pipeline.transactions import DeliveryTracker, consumer_config, producer_config, transactional_id
 from pipeline.worker import (
     BatchOutput,
     DeviceRegistry,
     OutputTopics,
+    StateUndo,
     Stats,
     describe_range,
     handle_batch,
@@ -206,6 +209,21 @@ def test_client_configs_keep_the_at_least_once_settings() -> None:
     assert cons["enable.auto.commit"] is False and cons["group.id"] == "g"
     assert cons["auto.offset.reset"] == "latest" and cons["partition.assignment.strategy"] == "range"
     assert prod["enable.idempotence"] is True and prod["linger.ms"] == "50" and prod["bootstrap.servers"] == "b:1"
+    assert "transactional.id" not in prod and cons["isolation.level"] == "read_committed"
+    txn = producer_config(settings, transactional_id(settings, "w-7"))
+    assert txn["transactional.id"] == "g-tx-w-7" and txn["enable.idempotence"] is True
+    assert transactional_id(Settings(transactional_id_prefix="p"), "w") == "p-w"
+
+
+def test_stop_flags_map_onto_settings() -> None:
+    args = full_parser().parse_args(["run", "--guarantee", "at_least_once", "--worker-id", "w-3",
+                                     "--changelog-topic", "cl"])
+    s = _settings(args)
+    assert (s.guarantee, s.worker_id, s.changelog) == ("at_least_once", "w-3", "cl")
+    defaults = _settings(full_parser().parse_args(["run", "--group-id", "g"]))
+    assert defaults.guarantee == "exactly_once" and defaults.changelog == "g-state-changelog"
+    with pytest.raises(SystemExit):
+        full_parser().parse_args(["run", "--guarantee", "at_most_once"])
 
 
 def test_run_flags_map_onto_settings() -> None:
@@ -221,16 +239,24 @@ def test_run_flags_map_onto_settings() -> None:
 
 
 # ------------------------------------------------------------------------------------------- the loop
+CHANGELOG = "liquidstream-state-changelog"
+
+
 class FakeProducer:
-    def __init__(self, log: list[str], fail_topic: str | None = None) -> None:
-        self.log, self.fail_topic = log, fail_topic
+    """Records calls; ``abort_commits`` commits fail abortably, ``fence`` makes them fail fatally."""
+
+    def __init__(self, log: list[str], fail_topic: str | None = None, abort_commits: int = 0,
+                 fence: bool = False) -> None:
+        self.log, self.fail_topic, self.abort_commits, self.fence = log, fail_topic, abort_commits, fence
         self.queued: list[tuple[str, Callable[[Any, Any], None]]] = []
-        self.sent: list[tuple[str, bytes | None]] = []
+        self.sent: list[tuple[str, bytes | None, bytes | None, int | None]] = []
+        self.committed: list[tuple[str, bytes | None, bytes | None, int | None]] = []  # in committed txns
+        self.offsets: list[dict[tuple[str, int], int]] = []
 
     def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, **kw: Any) -> None:
         self.log.append(f"produce:{topic}")
         self.queued.append((topic, kw["on_delivery"]))
-        self.sent.append((topic, key))
+        self.sent.append((topic, key, value, kw.get("partition")))
 
     def poll(self, timeout: float = 0) -> int:
         return 0
@@ -243,15 +269,49 @@ class FakeProducer:
         self.queued.clear()
         return 0
 
+    def init_transactions(self, timeout: float = -1) -> None:
+        self.log.append("init")
+
+    def begin_transaction(self) -> None:
+        self.log.append("begin")
+        self.sent.clear()
+        self.pending_offsets: dict[tuple[str, int], int] = {}
+
+    def send_offsets_to_transaction(self, positions: list[TopicPartition], metadata: Any, timeout: float) -> None:
+        assert metadata == "group-metadata"
+        self.log.append("send_offsets")
+        self.pending_offsets = {(tp.topic, tp.partition): tp.offset for tp in positions}
+
+    def commit_transaction(self, timeout: float = -1) -> None:
+        if self.fence:
+            raise KafkaException(KafkaError(KafkaError._FENCED, "Producer fenced by newer instance", fatal=True))
+        if self.abort_commits:
+            self.abort_commits -= 1
+            raise KafkaException(KafkaError(KafkaError._STATE, "broker said no", txn_requires_abort=True))
+        self.log.append("commit_txn")
+        self.committed.extend(self.sent)
+        if self.pending_offsets:
+            self.offsets.append(self.pending_offsets)
+        self.queued.clear()
+
+    def abort_transaction(self, timeout: float = -1) -> None:
+        self.log.append("abort")
+        self.queued.clear()
+
 
 class FakeConsumer:
-    """Assigns partitions 0 and 1 on the first consume, then serves ``batches`` one per call."""
+    """Assigns partitions 0 and 1 on the first consume, then serves ``batches`` one per call; a seek serves
+    the last batch again (from the sought offset on)."""
 
     def __init__(self, log: list[str], batches: list[list[Message]],
-                 on_call: Callable[[int], None] | None = None) -> None:
+                 on_call: Callable[[int], None] | None = None, committed: dict[int, int] | None = None) -> None:
         self.log, self.batches, self.on_call, self.calls = log, batches, on_call, 0
         self.commits: list[dict[tuple[str, int], int]] = []
         self.callbacks: dict[str, Any] = {}
+        self.last: list[Message] = []
+        self.refetch: list[Message] = []  # what a seek makes the next consume deliver again
+        self.seeks: list[tuple[int, int]] = []
+        self.committed_offsets = committed or {}
 
     def subscribe(self, topics: list[str], **callbacks: Any) -> None:
         self.callbacks = callbacks
@@ -262,7 +322,23 @@ class FakeConsumer:
             self.callbacks["on_assign"](self, [TopicPartition("readings", 0), TopicPartition("readings", 1)])
         if self.on_call is not None:
             self.on_call(self.calls)
-        return self.batches.pop(0) if self.batches else []
+        if self.refetch:
+            self.last, self.refetch = self.refetch, []
+        else:
+            self.last = self.batches.pop(0) if self.batches else []
+        return self.last
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.log.append(f"seek:{tp.partition}@{tp.offset}")
+        self.seeks.append((tp.partition, tp.offset))
+        self.refetch += [m for m in self.last if m.partition() == tp.partition and (m.offset() or 0) >= tp.offset]
+
+    def committed(self, partitions: list[TopicPartition], timeout: float = -1) -> list[TopicPartition]:
+        return [TopicPartition(tp.topic, tp.partition, self.committed_offsets.get(tp.partition, -1001))
+                for tp in partitions]
+
+    def consumer_group_metadata(self) -> str:
+        return "group-metadata"
 
     def commit(self, offsets: list[TopicPartition], asynchronous: bool = True) -> list[TopicPartition]:
         self.log.append("commit")
@@ -274,13 +350,31 @@ class FakeConsumer:
         self.callbacks["on_revoke"](self, [TopicPartition("readings", 0), TopicPartition("readings", 1)])
 
 
-def _worker(batches: list[list[Message]], *, fail_topic: str | None = None,
-            on_call: Callable[[int], None] | None = None) -> tuple[KafkaWorker, FakeConsumer, list[str]]:
+class _Worker(KafkaWorker):
+    """The real loop with the changelog topic faked: ``restored`` is what a changelog read returns."""
+
+    restored = Restored()
+    needs: list[dict[int, int]]
+    ready_while_restoring: bool | None = None
+
+    def ensure_changelog(self) -> int:
+        return 2
+
+    def read_changelog(self, need: dict[int, int]) -> Restored:
+        self.needs = [*getattr(self, "needs", []), need]
+        self.ready_while_restoring = self.ready
+        return self.restored
+
+
+def _worker(batches: list[list[Message]], *, fail_topic: str | None = None, guarantee: str = "at_least_once",
+            on_call: Callable[[int], None] | None = None, abort_commits: int = 0, fence: bool = False,
+            committed: dict[int, int] | None = None) -> tuple[_Worker, FakeConsumer, list[str]]:
     log: list[str] = []
-    consumer = FakeConsumer(log, batches, on_call)
-    settings = Settings(exit_when_idle_s=0.0, predictions_topic="preds", dlq_topic="dlq", ts_min_ms=0)
-    worker = KafkaWorker(settings, _operator(), worker_id="w", consumer=consumer,  # type: ignore[arg-type]
-                         producer=FakeProducer(log, fail_topic))  # type: ignore[arg-type]
+    consumer = FakeConsumer(log, batches, on_call, committed)
+    settings = Settings(exit_when_idle_s=0.0, predictions_topic="preds", dlq_topic="dlq", ts_min_ms=0,
+                        guarantee=guarantee)  # type: ignore[arg-type]
+    worker = _Worker(settings, _operator(), worker_id="w", consumer=consumer,  # type: ignore[arg-type]
+                     producer=FakeProducer(log, fail_topic, abort_commits, fence))  # type: ignore[arg-type]
     return worker, consumer, log
 
 
@@ -290,17 +384,79 @@ def _now_batch(partition: int, start: int, n: int, dev: str) -> list[Message]:
             for i in range(n)]
 
 
-def test_loop_produces_then_flushes_then_commits(capsys: pytest.CaptureFixture[str]) -> None:
+def test_at_least_once_produces_then_flushes_then_changelog_then_commits(capsys: pytest.CaptureFixture[str]) -> None:
     batch = _now_batch(0, 0, 3, "a") + _now_batch(1, 40, 2, "b") + [_msg(1, 42, b"b", b"garbage")]
     worker, consumer, log = _worker([batch, _now_batch(0, 3, 2, "a")])
     assert worker.run() == 0
-    assert log == ["produce:dlq"] + ["produce:preds"] * 5 + ["flush", "commit"] + \
-        ["produce:preds"] * 2 + ["flush", "commit", "close", "flush"]
+    changelog = f"produce:{CHANGELOG}"
+    assert log == ["produce:dlq"] + ["produce:preds"] * 5 + ["flush"] + [changelog] * 4 + ["flush", "commit"] + \
+        ["produce:preds"] * 2 + ["flush"] + [changelog] * 2 + ["flush", "commit", "close", "flush"]
     assert consumer.commits == [{("readings", 0): 3, ("readings", 1): 43}, {("readings", 0): 5}]
     final = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert final["consumed"] == 8 and final["predictions"] == 7 and final["dead_letters"] == 1
     assert final["balanced"] and final["exit_code"] == 0 and final["batches"] == 2
+    assert final["guarantee"] == "at_least_once"
     assert len(worker.operator.store) == 0  # closing revoked both partitions: their devices were dropped
+
+
+def test_exactly_once_commits_outputs_changelog_and_offsets_in_one_transaction() -> None:
+    batch = _now_batch(0, 0, 3, "a") + _now_batch(1, 40, 2, "b") + [_msg(1, 42, b"b", b"garbage")]
+    worker, consumer, log = _worker([batch], guarantee="exactly_once")
+    producer: FakeProducer = worker.producer  # type: ignore[assignment]
+    assert worker.run() == 0
+    changelog = f"produce:{CHANGELOG}"
+    assert log == ["init", "begin", "produce:dlq"] + ["produce:preds"] * 5 + [changelog] * 4 + \
+        ["send_offsets", "commit_txn", "close", "flush"]
+    assert consumer.commits == [] and producer.offsets == [{("readings", 0): 3, ("readings", 1): 43}]
+    state = {(k, p): v for t, k, v, p in producer.committed if t == CHANGELOG}
+    assert set(state) == {(b"a", 0), (b"b", 1), (PROGRESS_KEY, 0), (PROGRESS_KEY, 1)}  # pinned partitions
+    assert json.loads(state[(PROGRESS_KEY, 1)] or b"") == {"topic": "readings", "partition": 1, "offset": 43}
+    assert worker.stats.predictions == 5 and worker.stats.aborted == 0
+
+
+def _predictions(producer: FakeProducer) -> list[tuple[bytes | None, bytes | None]]:
+    return [(k, v) for t, k, v, _ in producer.committed if t == "preds"]
+
+
+def test_aborted_transaction_rewinds_state_and_position_then_gives_the_same_predictions() -> None:
+    fixed = [_now_batch(0, 0, 4, "a"), _now_batch(0, 4, 3, "a") + _now_batch(1, 0, 3, "c")]
+
+    def batches() -> list[list[Message]]:
+        return [list(b) for b in fixed]  # the same messages (and event times) for both runs
+
+    clean, _, _ = _worker(batches(), guarantee="exactly_once")
+    assert clean.run() == 0
+    worker, consumer, log = _worker(batches(), guarantee="exactly_once")
+    producer: FakeProducer = worker.producer  # type: ignore[assignment]
+    real_commit, real_rewind, calls = producer.commit_transaction, worker._rewind, [0]
+    state_a: list[bytes] = []
+
+    def second_commit_aborts(timeout: float = -1) -> None:
+        calls[0] += 1
+        if calls[0] == 2:
+            state_a.append(worker.operator.store.snapshot(["a"]))  # after the batch, before the abort
+            raise KafkaException(KafkaError(KafkaError._STATE, "abortable", txn_requires_abort=True))
+        real_commit(timeout)
+
+    def rewind(batch: list[Message], undo: StateUndo) -> None:
+        real_rewind(batch, undo)
+        state_a.append(worker.operator.store.snapshot(["a"]))
+        assert "c" not in worker.operator.store  # created by the aborted batch: gone again
+
+    producer.commit_transaction = second_commit_aborts  # type: ignore[method-assign]
+    worker._rewind = rewind  # type: ignore[method-assign]
+    assert worker.run() == 0
+    assert "abort" in log and consumer.seeks == [(0, 4), (1, 0)] and state_a[0] != state_a[1]
+    assert worker.stats.aborted == 1 and worker.stats.predictions == 10 and worker.stats.balanced
+    assert producer.offsets == [{("readings", 0): 4}, {("readings", 0): 7, ("readings", 1): 3}]
+    assert _predictions(producer) == _predictions(clean.producer)  # type: ignore[arg-type]
+
+
+def test_fenced_producer_exits_non_zero_without_committing() -> None:
+    worker, consumer, log = _worker([_now_batch(0, 0, 3, "a")], guarantee="exactly_once", fence=True)
+    assert worker.run() == 2
+    assert "commit_txn" not in log and worker.stats.consumed == 0 and consumer.commits == []
+    assert log[-2:] == ["close", "flush"]
 
 
 def test_failed_delivery_exits_non_zero_without_committing() -> None:
@@ -310,15 +466,16 @@ def test_failed_delivery_exits_non_zero_without_committing() -> None:
 
 
 def test_bug_in_processing_exits_non_zero_without_committing(monkeypatch: pytest.MonkeyPatch) -> None:
-    worker, consumer, log = _worker([_now_batch(0, 0, 3, "a")])
+    for guarantee in ("at_least_once", "exactly_once"):
+        worker, consumer, log = _worker([_now_batch(0, 0, 3, "a")], guarantee=guarantee)
 
-    def broken(*args: Any, **kwargs: Any) -> Any:
-        msg = "boom"
-        raise RuntimeError(msg)
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            msg = "boom"
+            raise RuntimeError(msg)
 
-    monkeypatch.setattr(worker.operator, "process", broken)
-    assert worker.run() == 1
-    assert consumer.commits == [] and not any(e.startswith("produce") for e in log)
+        monkeypatch.setattr(worker.operator, "process", broken)
+        assert worker.run() == 1
+        assert consumer.commits == [] and not any(e.startswith(("produce", "begin")) for e in log)
 
 
 def test_stop_signal_finishes_the_current_batch_then_exits_zero() -> None:
@@ -340,6 +497,68 @@ def test_revoked_partition_messages_are_left_for_the_new_owner() -> None:
     assert worker.run() == 0
     assert consumer.commits == [{("readings", 1): 2}, {("readings", 0): 1}]
     assert worker.stats.skipped_revoked == 2 and worker.stats.balanced
+
+
+def _restored(devices: dict[str, int], progress: dict[int, int]) -> tuple[Restored, bytes]:
+    """A changelog read holding ``devices`` (id -> partition) after 5 readings each, and their state."""
+    op = _operator()
+    now = time.time_ns() // 1_000_000
+    for d in devices:
+        handle_batch([_msg(devices[d], i, d.encode(), _reading(d, now - 60_000 + 1000 * i)) for i in range(5)],
+                     op, TOPICS, LIMITS, now)
+    layout = StateLayout(op.store)
+    blobs = dict(layout.split(op.store.snapshot(list(devices))))
+    return Restored(blobs=blobs, partition_of=dict(devices), progress=progress,
+                    model_version=dict.fromkeys(devices, "test")), op.store.snapshot(list(devices))
+
+
+def test_assignment_restores_state_before_the_first_batch_and_flags_readiness() -> None:
+    restored, state = _restored({"a": 0, "b": 1}, {0: 7, 1: 3})
+    seen: list[Any] = []
+    worker, consumer, _ = _worker([], guarantee="exactly_once", committed={0: 7, 1: 3},
+                                  on_call=lambda n: seen.extend([worker.operator.store.snapshot(["a", "b"]),
+                                                                 worker.registry.partitions_of(["a", "b"])]))
+    worker.restored = restored
+    assert not worker.ready
+    assert worker.run() == 0
+    assert worker.needs == [{0: 7, 1: 3}] and worker.ready_while_restoring is False
+    assert seen[0] == state and worker.stats.restored_devices == 2 and worker.stats.skipped_replayed == 0
+    assert seen[1] == {"a": ("readings", 0), "b": ("readings", 1)}  # so a revocation drops them
+
+
+def test_at_least_once_skips_readings_the_restored_state_already_holds() -> None:
+    restored, _ = _restored({"a": 0}, {0: 5})  # changelog written for offsets < 5; offsets committed < 3
+    worker, consumer, _ = _worker([_now_batch(0, 3, 4, "a")], committed={0: 3})
+    worker.restored = restored
+    assert worker.run() == 0
+    assert worker.stats.skipped_replayed == 2 and worker.stats.consumed == 2
+    assert consumer.commits == [{("readings", 0): 7}]
+
+
+def test_idle_devices_are_evicted_with_a_changelog_tombstone() -> None:
+    worker, _, log = _worker([], guarantee="exactly_once")
+    producer: FakeProducer = worker.producer  # type: ignore[assignment]
+    now = time.time_ns() // 1_000_000
+    handle_batch([_msg(0, 0, b"old", _reading("old", now - 3 * 86_400_000)), _msg(1, 0, b"new", _reading("new", now))],
+                 worker.operator, TOPICS, LIMITS, now)
+    worker.registry.note({"old": ("readings", 0), "new": ("readings", 1)})
+    worker._evict_idle()
+    assert log == ["begin", f"produce:{CHANGELOG}", "commit_txn"]
+    assert producer.committed == [(CHANGELOG, b"old", None, 0)]
+    assert worker.operator.store.device_ids() == ["new"] and len(worker.registry) == 1
+
+
+def test_state_undo_puts_back_known_devices_and_drops_new_ones() -> None:
+    op = _operator()
+    now = time.time_ns() // 1_000_000
+    handle_batch([_msg(0, 0, b"a", _reading("a", now - 5000))], op, TOPICS, LIMITS, now)
+    before = op.store.snapshot(["a"])
+    undo = StateUndo(op.store)
+    handle_batch([_msg(0, 1, b"a", _reading("a", now - 4000)), _msg(0, 2, b"n", _reading("n", now))], op, TOPICS,
+                 LIMITS, now, before_process=undo.take)
+    assert op.store.snapshot(["a"]) != before and "n" in op.store
+    undo.apply()
+    assert op.store.snapshot(["a"]) == before and "n" not in op.store
 
 
 def test_delivery_tracker_reports_the_first_failure() -> None:
