@@ -1,12 +1,11 @@
 """The faust-streaming alternative to the confluent-kafka worker: the same operator as one faust agent.
 
-``python -m pipeline.faust_app worker -l info`` (settings from ``LIQUIDSTREAM_*``, see ``docs/faust.md``).
-Per batch (``batch_max_messages`` / ``batch_max_ms``) the agent runs :func:`pipeline.worker.handle_batch`, the
-confluent worker's own step (one ``decode_batch``, one ``LiquidOperator.process``, the shared record builders),
-so predictions, alerts and dead letters are the same records.  Device state lives in a faust table keyed by
-device id (UTF-8 bytes -> ``DeviceStateStore.snapshot`` bytes); its changelog restores a device into the
-operator the first time the device is seen after a start or a rebalance.  Events are acknowledged only after
-their batch was handled, so offsets are committed (faust flushes the producer first) at least once.
+``python -m pipeline.faust_app worker -l info`` (``LIQUIDSTREAM_*`` settings; see ``docs/faust.md``).  Per batch
+the agent runs the confluent worker's own step, :func:`pipeline.worker.handle_batch` (one ``decode_batch``, one
+``LiquidOperator.process``, the shared record builders), so the records are the same.  Device state lives in a
+faust table (device id -> ``DeviceStateStore.snapshot([device_id])``); a device the operator does not hold is
+restored from it before its batch, so the table's changelog carries state across restarts and rebalances.
+At least once: a batch's events are acked only once its outputs and then its state are delivered.
 """
 
 from __future__ import annotations
@@ -27,79 +26,78 @@ from typing import Any, cast
 import faust
 from faust.types import TP, EventT, StreamT
 from faust.types.auth import CredentialsT
+from faust.types.tuples import FutureMessage
 
 from operators.operator import LiquidOperator
+from pipeline.changelog import StateLayout
 from pipeline.codec import DecodeLimits
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
-from pipeline.worker import BatchOutput, DeviceRegistry, OutputTopics, handle_batch
+from pipeline.worker import BatchOutput, DeviceRegistry, OutputTopics, Stats, handle_batch
 
 log = logging.getLogger("liquidstream.faust")
-
 TABLE_NAME = "device-state"
 AGENT_NAME = "liquid-operator"
 METADATA_TIMEOUT_S = 15.0
+STATS_EVERY_S = 10.0  # seconds between stats lines (and idle-device eviction), as the confluent worker
 
 
 class EventMessage:
     """A faust event seen as a ``confluent_kafka.Message`` (what :func:`handle_batch` reads), raw bytes."""
 
     __slots__ = ("event",)
-
     def __init__(self, event: EventT[Any]) -> None:
         self.event = event
 
     def topic(self) -> str | None:
         return self.event.message.topic
-
     def partition(self) -> int | None:
         return self.event.message.partition
-
     def offset(self) -> int | None:
         return self.event.message.offset
-
     def key(self) -> bytes | None:
         return self.event.message.key
-
     def value(self) -> bytes | None:
         return self.event.message.value
-
     def headers(self) -> Any:
         return self.event.message.headers
 
 
 class DeviceStateTable(faust.Table):  # type: ignore[type-arg]
-    """Device state table whose changelog partition is the input partition of the device's readings.
-
-    faust derives it from the *current* event, which a batch does not have; the agent records each device's
-    partition in :attr:`home` before writing, so recovery of an input partition restores exactly its devices.
-    """
+    """Device state written per batch: faust puts a changelog record in the partition of the *current* event,
+    which a batch lacks, so :attr:`home` (device key -> input partition) pins it (recovering an input partition
+    then restores exactly its devices); :attr:`sent` collects the changelog futures, to await delivery."""
 
     home: dict[bytes, int]
+    sent: list[FutureMessage]
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.home = {}
+        self.home, self.sent = {}, []
 
     def partition_for_key(self, key: Any) -> int | None:
         return self.home[key]
 
+    def send_changelog(self, *args: Any, **kwargs: Any) -> FutureMessage:
+        fut = super().send_changelog(*args, **kwargs)
+        self.sent.append(fut)
+        return fut
+
 
 def librdkafka_partitioner(key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]) -> int:
-    """librdkafka's default (``consistent_random``): CRC-32 of the key, random when keyless, so the
-    faust app puts a device's outputs in the same partition as the confluent-kafka worker does."""
+    """librdkafka's default (``consistent_random``): CRC-32 of the key, random when keyless, so a device's
+    outputs land in the partition the confluent-kafka worker would use (aiokafka hashes with murmur2)."""
     if key is None:
         return random.choice(list(available) or list(all_partitions))  # noqa: S311 (spreading, not secrecy)
     return sorted(all_partitions)[zlib.crc32(key) % len(all_partitions)]
 
 
 def input_partitions(settings: Settings) -> int:
-    """Partition count of the input topic (the table's changelog must have as many)."""
+    """Partition count of the input topic (the table's changelog gets as many)."""
     from confluent_kafka.admin import AdminClient
 
-    metadata = AdminClient(settings.kafka_client_config()).list_topics(settings.input_topic,
-                                                                         timeout=METADATA_TIMEOUT_S)
-    topic = metadata.topics.get(settings.input_topic)
+    admin = AdminClient(settings.kafka_client_config())
+    topic = admin.list_topics(settings.input_topic, timeout=METADATA_TIMEOUT_S).topics.get(settings.input_topic)
     if topic is None or topic.error is not None or not topic.partitions:
         msg = f"input topic {settings.input_topic!r} not found on {settings.bootstrap}"
         raise ConfigurationError(msg)
@@ -112,90 +110,92 @@ def broker_credentials(settings: Settings) -> CredentialsT | None:
         return None
     context = None
     if settings.security_protocol in ("SSL", "SASL_SSL"):
-        ca = settings.ssl_ca_location
-        context = ssl.create_default_context(cafile=None if ca is None else str(ca))
+        context = ssl.create_default_context(cafile=settings.ssl_ca_location)
         if settings.ssl_certificate_location is not None:
-            key = settings.ssl_key_location
-            context.load_cert_chain(settings.ssl_certificate_location, None if key is None else key)
+            context.load_cert_chain(settings.ssl_certificate_location, settings.ssl_key_location)
     if settings.security_protocol == "SSL":
         return faust.SSLCredentials(context)
-    password = None if settings.sasl_password is None else settings.sasl_password.get_secret_value()
+    password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
     return faust.SASLCredentials(username=settings.sasl_username, password=password, ssl_context=context,
                                  mechanism=settings.sasl_mechanism or "PLAIN")
-
-
-def _device_hint(message: EventMessage) -> str | None:
-    """The device a message is for, before decoding: its key, else the payload's ``device_id`` (best effort)."""
-    key = message.key()
-    if key:
-        return key.decode("utf-8", errors="replace")
-    try:
-        device = json.loads(message.value() or b"").get("device_id")
-    except (ValueError, AttributeError):
-        return None
-    return device if isinstance(device, str) else None
 
 
 class FaustStep:
     """The agent's state and per-batch work: one operator, its device registry, the state table."""
 
-    def __init__(self, app: faust.App, settings: Settings, operator: LiquidOperator,
-                 table: DeviceStateTable) -> None:
-        self.app, self.operator, self.table = app, operator, table
+    def __init__(self, app: faust.App, settings: Settings, operator: LiquidOperator, table: DeviceStateTable) -> None:
+        self.app, self.settings, self.operator, self.table = app, settings, operator, table
         self.topics = OutputTopics(settings.predictions_topic, settings.alerts_topic, settings.dlq_topic)
         self.limits = DecodeLimits.from_settings(settings, operator.n_channels)
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-faust"
-        self.registry = DeviceRegistry()
-        self.lock = asyncio.Lock()  # a batch and a revocation never interleave
-        self.batches = self.consumed = 0
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-faust"
+        self.layout, self.registry, self.stats = StateLayout(operator.store), DeviceRegistry(), Stats()
+        self.lock = asyncio.Lock()  # batches, revocations and evictions never interleave
 
-    def _compute(self, messages: list[EventMessage], saved: dict[str, bytes]) -> tuple[BatchOutput, dict[str, bytes]]:
-        """Off the event loop: restore devices from the table, handle the batch, snapshot changed devices."""
-        for blob in saved.values():
-            self.operator.store.restore(blob)
+    def _restore(self, device_ids: Sequence[str]) -> None:
+        """``before_process``: devices the operator lacks come from the table (GIL-safe dict reads, off-loop)."""
+        blobs = [self.table.get(d.encode("utf-8")) for d in dict.fromkeys(device_ids) if d not in self.operator.store]
+        for blob in blobs:
+            if blob is not None:
+                self.operator.store.restore(blob)
+        if any(blobs):
+            log.info("restored %d device(s) from table %s", sum(b is not None for b in blobs), TABLE_NAME)
+
+    def _compute(self, messages: list[EventMessage]) -> tuple[BatchOutput, list[tuple[str, bytes]]]:
+        """Off the event loop: restore, handle the batch, snapshot its devices (one bulk snapshot, split)."""
         out = handle_batch(messages, self.operator, self.topics, self.limits, time.time_ns() // 1_000_000,
-                           self.worker_id)
-        return out, {d: self.operator.store.snapshot([d]) for d in out.device_partitions}
+                           self.worker_id, before_process=self._restore)
+        store = self.operator.store
+        return out, self.layout.split(store.snapshot([d for d in out.device_partitions if d in store]))
 
-    async def handle(self, events: Sequence[EventT[Any]]) -> BatchOutput:
-        """Process one batch and hand every output record to the producer; raises on any failure."""
-        messages = [EventMessage(e) for e in events]
+    async def handle(self, events: Sequence[EventT[Any]]) -> None:
+        """Process one batch; returns once its outputs and then its devices' state are delivered."""
+        started = time.monotonic()
         async with self.lock:
-            saved: dict[str, bytes] = {}
-            for device in {d for d in map(_device_hint, messages) if d is not None}:
-                blob = None if device in self.operator.store else self.table.get(device.encode("utf-8"))
-                if blob is not None:
-                    saved[device] = blob
-            out, snapshots = await asyncio.to_thread(self._compute, messages, saved)
-            if saved:
-                log.info("restored %d device(s) from table %s", len(saved), TABLE_NAME)
+            out, snapshots = await asyncio.to_thread(self._compute, [EventMessage(e) for e in events])
             self.registry.note(out.device_partitions)
-            send = self.app.producer.send
-            # (forwarded input headers may hold null values; aiokafka writes those as null headers)
-            pending = [await send(r.topic, r.key, r.value, None, None, cast(Any, r.headers)) for r in out.records]
-            await asyncio.gather(*pending)  # delivered (acks=all) ...
-            for device, blob in snapshots.items():  # ... before the state that follows from them
+            send = self.app.producer.send  # (null header values, forwarded from inputs, are fine for aiokafka)
+            sent = [await send(r.topic, r.key, r.value, r.partition, None, cast(Any, r.headers)) for r in out.records]
+            await asyncio.gather(*sent)  # outputs delivered (acks=all) before the state that follows them:
+            for device, blob in snapshots:  # a crash in between replays the batch, it never skips outputs
                 key = device.encode("utf-8")
                 self.table.home[key] = out.device_partitions[device][1]
                 self.table[key] = blob
-            await self.app.producer.flush()  # the changelog too, before the batch's offsets are acked
-        self.batches += 1
-        self.consumed += out.consumed
-        from pipeline.worker import describe_range
-        log.info("DEBUGX batch %d: %s", self.batches, describe_range(messages))
-        return out
+            await self._changelog_delivered()
+        self.stats.add(out, time.monotonic() - started)
+
+    async def _changelog_delivered(self) -> None:
+        sent, self.table.sent = self.table.sent, []
+        await asyncio.gather(*sent)
 
     async def on_revoked(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
-        """``app.on_partitions_revoked`` receiver (``args[0]``: the revoked partitions): forget their devices,
-        whose state now belongs to the new owner (and its table)."""
+        """``app.on_partitions_revoked`` receiver (``args[0]``: revoked partitions): their devices go."""
         revoked = cast(set[TP], args[0] if args else kwargs.get("revoked", set()))
         async with self.lock:
             dropped = self.operator.store.drop(self.registry.release((tp.topic, tp.partition) for tp in revoked))
         log.info("partitions revoked: %d device(s) dropped from the operator", len(dropped))
 
+    async def housekeeping(self) -> None:
+        """Timer: drop devices idle for ``state_ttl_s`` of event time (table too, as the worker does); stats."""
+        async with self.lock:
+            store, ttl_ms = self.operator.store, int(self.settings.operator.state_ttl_s * 1000)
+            ids = store.device_ids()
+            last: list[int] = store.host["last_ts_ms"][store.lookup(ids)].tolist()
+            idle = [d for d, ts in zip(ids, last, strict=True) if ts < max(last, default=0) - ttl_ms]
+            for key in (d.encode("utf-8") for d in self.registry.partitions_of(idle)):
+                if key in self.table:
+                    del self.table[key]  # a tombstone in the device's changelog partition (``home``)
+            await self._changelog_delivered()
+            self.registry.forget(store.drop(idle))
+        if idle:
+            log.info("evicted %d idle device(s) (state_ttl_s=%s)", len(idle), self.settings.operator.state_ttl_s)
+        log.info("stats %s", json.dumps(self.stats.as_dict() | {"devices": len(self.operator.store)}))
+
 
 def build_app(settings: Settings, operator: LiquidOperator | None = None) -> faust.App:
-    """The faust app serving ``operator`` (default: ``settings.model``, as ``liquidstream run`` does)."""
+    """The faust app serving ``operator`` (default: ``settings.model``, as ``liquidstream run`` loads it)."""
+    if settings.guarantee != "at_least_once":
+        msg = "the faust app is at-least-once only: set LIQUIDSTREAM_GUARANTEE=at_least_once (docs/faust.md)"
+        raise ConfigurationError(msg)
     if operator is None:
         from pipeline.cli_kafka import build_operator
 
@@ -206,11 +206,9 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
         broker_credentials=broker_credentials(settings), store="memory://", web_enabled=False,
         topic_partitions=partitions, key_serializer="raw", value_serializer="raw",
         consumer_auto_offset_reset=settings.auto_offset_reset, producer_acks=-1,
-        producer_partitioner=librdkafka_partitioner,
-        stream_buffer_maxsize=max(4096, settings.batch_max_messages))
-    # bytes in, bytes out: the app's raw serializers for the topic; key/value_type=bytes makes the table raw
-    # (its serializers come from the types, JSON otherwise).  No shared faust.Schema: the table's changelog
-    # topic would rewrite it, and a key that then fails to decode stops the stream without an error.
+        producer_partitioner=librdkafka_partitioner, stream_buffer_maxsize=max(4096, settings.batch_max_messages))
+    # Raw bytes: the topic by the app's serializers, the table by its bytes types (JSON otherwise).  No shared
+    # faust.Schema: the changelog rewrites it, and a key then failing to decode silently stops the stream.
     source = app.topic(settings.input_topic, key_type=bytes, value_type=bytes)
     table = app.tables.add(DeviceStateTable(app, name=TABLE_NAME, beacon=app.tables.beacon, partitions=partitions,
                                             key_type=bytes, value_type=bytes,
@@ -219,15 +217,16 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
     within_s = settings.batch_max_ms / 1000.0
 
     async def liquid_operator(stream: StreamT[bytes]) -> None:
-        # noack_take yields the events themselves and leaves acking to us: only a handled batch is acked.
+        # noack_take yields the events themselves and leaves acking to us: only a handled batch is acked,
+        # so an exception here leaves its offsets uncommitted.
         async for batch in cast(faust.Stream[bytes], stream).noack_take(settings.batch_max_messages, within_s):
             events = cast(Sequence[EventT[Any]], batch)
-            log.info("DEBUGX got %d", len(events))
             await step.handle(events)
             for event in events:
                 await stream.ack(event)
 
     app.agent(source, name=AGENT_NAME)(liquid_operator)
+    app.timer(STATS_EVERY_S, name="housekeeping")(step.housekeeping)
     # mode's SignalHandlerT rejects every function, even one of exactly its documented shape
     app.on_partitions_revoked.connect(step.on_revoked)  # type: ignore[arg-type]
     log.info("faust app %s: %s (%d partitions) -> %s, %s, %s; model %s", app.conf.id, settings.input_topic,
@@ -237,10 +236,14 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Build the settings once and hand the faust CLI (``worker -l info``, ...) the app."""
-    if argv is not None:
-        sys.argv[1:] = list(argv)
-    build_app(Settings()).main()
+    """Build the settings once, then hand the faust CLI (``worker -l info``, ...) the app built from them."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["worker"] and not {"--with-web", "--without-web"} & set(args):
+        args.insert(1, "--without-web")  # the CLI's default (--with-web) would override web_enabled=False
+    sys.argv[1:] = args
+    settings = Settings()
+    settings.configure_torch()
+    build_app(settings).main()
 
 
 if __name__ == "__main__":

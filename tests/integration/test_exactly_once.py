@@ -1,6 +1,7 @@
 """Exactly-once processing and per-device state recovery, against a real Apache Kafka broker.
 
-(a) Chaos: the worker is SIGKILLed at seeded random moments and restarted in the same group each time.
+(a) Chaos: the worker is SIGKILLed at seeded random moments (some of them while one of its transactions is
+seen open) and restarted in the same group each time.
 (b) Scale-out and back: a second worker joins the group mid-stream (partitions move to it with their
 state) and later leaves on SIGTERM (they move back).
 

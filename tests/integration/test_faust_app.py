@@ -19,14 +19,14 @@ import sys
 import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pytest
 import torch
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
 from operators import Forecaster, LiquidOperator
 from operators.model_io import load_model, save_model
@@ -157,18 +157,28 @@ def run_app(tmp_path: Path) -> Iterator[Any]:
 
 
 def _wait_for(collector: Collector, proc: subprocess.Popen[bytes], log: Path, valid: set[tuple[int, int]],
-              malformed: set[tuple[int, int]]) -> float:
+              malformed: set[tuple[int, int]], committed: Callable[[], list[int]]) -> float:
     """Seconds until every valid reading has a prediction and every malformed message a dead letter."""
     started = time.monotonic()
     while not (valid <= collector.predicted and malformed <= collector.lettered):
         if proc.poll() is not None:
             pytest.fail(f"faust app exited {proc.returncode}:\n{log.read_text()[-4000:]}")
         if time.monotonic() - started > RUN_DEADLINE_S:
+            missing = sorted((valid - collector.predicted) | (malformed - collector.lettered))
             pytest.fail(f"{len(valid & collector.predicted)}/{len(valid)} predictions, "
                         f"{len(malformed & collector.lettered)}/{len(malformed)} dead letters after "
-                        f"{RUN_DEADLINE_S} s:\n{log.read_text()[-4000:]}")
+                        f"{RUN_DEADLINE_S} s; missing (partition, offset): {missing}; the app's committed "
+                        f"offsets: {committed()}\n{log.read_text()[-4000:]}")
         collector.poll(0.5)
     return time.monotonic() - started
+
+
+def _committed(bootstrap: str, group: str, topic: str) -> list[int]:
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    try:
+        return [tp.offset for tp in consumer.committed([TopicPartition(topic, p) for p in range(PARTITIONS)], 10)]
+    finally:
+        consumer.close()
 
 
 def _headers(msg: Message) -> list[tuple[str, bytes | str | None]]:
@@ -194,7 +204,8 @@ def test_faust_app_matches_operator_and_recovers_state(kafka_bootstrap: str, mak
            "LIQUIDSTREAM_PREDICTIONS_TOPIC": predictions, "LIQUIDSTREAM_ALERTS_TOPIC": alerts,
            "LIQUIDSTREAM_DLQ_TOPIC": dlq, "LIQUIDSTREAM_GROUP_ID": f"it-{uuid.uuid4().hex[:8]}",
            "LIQUIDSTREAM_MODEL": str(model_path), "LIQUIDSTREAM_DEVICE": "cpu",
-           "LIQUIDSTREAM_BATCH_MAX_MESSAGES": "64", "LIQUIDSTREAM_BATCH_MAX_MS": "50"}
+           "LIQUIDSTREAM_BATCH_MAX_MESSAGES": "64", "LIQUIDSTREAM_BATCH_MAX_MS": "50",
+           "LIQUIDSTREAM_GUARANTEE": "at_least_once"}
 
     # incidents from 10 s on, frequent enough that this seed opens a few alerts in the short run
     stream = simulate(n_devices=DEVICES, duration_s=DURATION_S, seed=4, anomaly_rate=120.0, normal_prefix_s=10.0)
@@ -211,7 +222,8 @@ def test_faust_app_matches_operator_and_recovers_state(kafka_bootstrap: str, mak
             sent += zip(messages, _produce(kafka_bootstrap, source, messages), strict=True)
             valid_coords = {c for m, c in sent if m.fault is None}
             proc, log = run_app(env, f"run{k}")
-            took = _wait_for(collector, proc, log, valid_coords, {c for m, c in sent if m.fault is not None})
+            took = _wait_for(collector, proc, log, valid_coords, {c for m, c in sent if m.fault is not None},
+                             lambda: _committed(kafka_bootstrap, env["LIQUIDSTREAM_GROUP_ID"] + "-faust", source))
             code = _stop(proc)
             print(f"run {k}: {len(valid_coords)} predictions after {took:.1f} s (start-up included); exit {code}")
             assert code == 0, log.read_text()[-4000:]

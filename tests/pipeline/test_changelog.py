@@ -119,7 +119,7 @@ class FakeLog:
 
     def get_watermark_offsets(self, tp: TopicPartition, timeout: float = -1) -> tuple[int, int]:
         p = tp.partition
-        if p in self.late and not any(m.partition() == p for m in self.queue):
+        if p in self.late and p in self.assigned and not any(m.partition() == p for m in self.queue):
             start = len(self.logs.setdefault(p, []))
             self.logs[p] += self.late.pop(p)
             self._serve(p, start)
