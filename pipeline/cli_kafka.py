@@ -14,7 +14,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.cli import Handler, device_flag
 from pipeline.errors import ConfigurationError
+from pipeline.logs import setup_logging
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:  # torch is imported only by the commands that need it, not by `--help`
@@ -41,29 +41,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        msg = f"must be a TCP port 0..65535 (0 = any free one), got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     value = float(text)
     if not value >= 0:  # also rejects NaN
         msg = f"must be >= 0, got {text}"
         raise argparse.ArgumentTypeError(msg)
     return value
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        doc = {"ts_ms": int(record.created * 1000), "level": record.levelname, "logger": record.name,
-               "msg": record.getMessage()}
-        if record.exc_info:
-            doc["exc"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
-def setup_logging(settings: Settings) -> None:
-    """Log lines to stderr (stdout carries the commands' JSON results), human or JSON per settings."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if settings.log_format == "json" else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
 
 
 def _kafka_flags(p: argparse.ArgumentParser) -> None:
@@ -91,6 +82,9 @@ def register_run(sub: Any) -> Handler:
     p.add_argument("--worker-id", default=None, help="stable identity of this instance (transactional id suffix;"
                                                     " default host name + pid): keep it across restarts")
     p.add_argument("--changelog-topic", default=None, help="state changelog (default <group-id>-state-changelog)")
+    p.add_argument("--metrics-port", type=_port, default=None,
+                   help="port of /metrics, /healthz, /readyz (LIQUIDSTREAM_METRICS_PORT, default 9108; 0 = any free "
+                        "port, named in the log line 'serving /metrics, /healthz, /readyz on HOST:PORT')")
     return _cmd_run
 
 
@@ -116,11 +110,13 @@ def build_operator(settings: Settings, channels: int | None) -> LiquidOperator:
 
 
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from pipeline.health import preflight
     from pipeline.kafka_io import KafkaWorker
 
-    setup_logging(settings)
-    worker = KafkaWorker(settings, build_operator(settings, args.channels),
-                         worker_id=settings.worker_id or f"{socket.gethostname()}-{os.getpid()}")
+    worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    setup_logging(settings, static={"worker": worker_id})
+    preflight(settings)  # bad credentials: one clear line (exit 2) now, not timeouts half a minute later
+    worker = KafkaWorker(settings, build_operator(settings, args.channels), worker_id=worker_id, serve_ops=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, worker.stop)  # finish the batch, commit it, close, exit 0
     return worker.run()
@@ -148,6 +144,7 @@ def register_simulate(sub: Any) -> Handler:
 def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     from confluent_kafka import Producer
 
+    from pipeline.health import preflight
     from pipeline.simulate_kafka import build_messages, fleet_stream, produce_messages
     from pipeline.transactions import DeliveryTracker, flush_checked, producer_config
 
@@ -155,6 +152,7 @@ def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     if min(args.malformed, args.duplicates, args.late) < 0:
         msg = "--malformed, --duplicates and --late must be >= 0"
         raise ConfigurationError(msg)
+    preflight(settings)
     topic = args.topic or settings.input_topic
     now_ms = time.time_ns() // 1_000_000
     stream = fleet_stream(args.devices, args.events, channels=args.channels, seed=args.seed,

@@ -1,11 +1,9 @@
 """The faust-streaming alternative to the confluent-kafka worker: the same operator as one faust agent.
 
-``python -m pipeline.faust_app worker -l info`` (``LIQUIDSTREAM_*`` settings; see ``docs/faust.md``).  Per batch
-the agent runs the confluent worker's own step, :func:`pipeline.worker.handle_batch` (one ``decode_batch``, one
-``LiquidOperator.process``, the shared record builders), so the records are the same.  Device state lives in a
-faust table (device id -> ``DeviceStateStore.snapshot([device_id])``); a device the operator does not hold is
-restored from it before its batch, so the table's changelog carries state across restarts and rebalances.
-At least once: a batch's events are acked only once its outputs and then its state are delivered.
+``python -m pipeline.faust_app worker -l info`` (``LIQUIDSTREAM_*`` settings; ``docs/faust.md``).  Per batch the
+agent runs the worker's own step, :func:`pipeline.worker.handle_batch`, so the records are the same.  Device state
+lives in a faust table (device id -> ``DeviceStateStore.snapshot([device_id])``) whose changelog restores devices
+after restarts and rebalances.  At least once: a batch is acked once its outputs, then its state, are delivered.
 """
 
 from __future__ import annotations
@@ -16,7 +14,6 @@ import logging
 import os
 import random
 import socket
-import ssl
 import sys
 import time
 import zlib
@@ -25,21 +22,20 @@ from typing import Any, cast
 
 import faust
 from faust.types import TP, EventT, StreamT
-from faust.types.auth import CredentialsT
 from faust.types.tuples import FutureMessage
 
 from operators.operator import LiquidOperator
 from pipeline.changelog import StateLayout
+from pipeline.cli_kafka import build_operator
 from pipeline.codec import DecodeLimits
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
 from pipeline.worker import BatchOutput, DeviceRegistry, OutputTopics, Stats, handle_batch
 
 log = logging.getLogger("liquidstream.faust")
-TABLE_NAME = "device-state"
-AGENT_NAME = "liquid-operator"
-METADATA_TIMEOUT_S = 15.0
-STATS_EVERY_S = 10.0  # seconds between stats lines (and idle-device eviction), as the confluent worker
+TABLE_NAME, AGENT_NAME = "device-state", "liquid-operator"
+METADATA_TIMEOUT_S, STATS_EVERY_S = 15.0, 10.0  # seconds: broker lookups; between stats lines (as the worker)
+Events = list[EventT[Any]]
 
 
 class EventMessage:
@@ -48,7 +44,6 @@ class EventMessage:
     __slots__ = ("event",)
     def __init__(self, event: EventT[Any]) -> None:
         self.event = event
-
     def topic(self) -> str | None:
         return self.event.message.topic
     def partition(self) -> int | None:
@@ -64,9 +59,8 @@ class EventMessage:
 
 
 class DeviceStateTable(faust.Table):  # type: ignore[type-arg]
-    """Device state written per batch: faust puts a changelog record in the partition of the *current* event,
-    which a batch lacks, so :attr:`home` (device key -> input partition) pins it (recovering an input partition
-    then restores exactly its devices); :attr:`sent` collects the changelog futures, to await delivery."""
+    """State written per batch: :attr:`home` (device key -> input partition) pins each changelog record, which
+    faust would put in the *current* event's partition; :attr:`sent` collects the changelog futures."""
 
     home: dict[bytes, int]
     sent: list[FutureMessage]
@@ -79,14 +73,12 @@ class DeviceStateTable(faust.Table):  # type: ignore[type-arg]
         return self.home[key]
 
     def send_changelog(self, *args: Any, **kwargs: Any) -> FutureMessage:
-        fut = super().send_changelog(*args, **kwargs)
-        self.sent.append(fut)
+        self.sent.append(fut := super().send_changelog(*args, **kwargs))
         return fut
 
 
 def librdkafka_partitioner(key: bytes | None, all_partitions: Sequence[int], available: Sequence[int]) -> int:
-    """librdkafka's default (``consistent_random``): CRC-32 of the key, random when keyless, so a device's
-    outputs land in the partition the confluent-kafka worker would use (aiokafka hashes with murmur2)."""
+    """librdkafka's default (CRC-32 of the key, random without): outputs land where the worker puts them."""
     if key is None:
         return random.choice(list(available) or list(all_partitions))  # noqa: S311 (spreading, not secrecy)
     return sorted(all_partitions)[zlib.crc32(key) % len(all_partitions)]
@@ -104,32 +96,68 @@ def input_partitions(settings: Settings) -> int:
     return len(topic.partitions)
 
 
-def broker_credentials(settings: Settings) -> CredentialsT | None:
-    """faust credentials for ``security_protocol`` (``kafka_config`` is librdkafka-only and not used)."""
-    if settings.security_protocol == "PLAINTEXT":
-        return None
-    context = None
-    if settings.security_protocol in ("SSL", "SASL_SSL"):
-        context = ssl.create_default_context(cafile=settings.ssl_ca_location)
-        if settings.ssl_certificate_location is not None:
-            context.load_cert_chain(settings.ssl_certificate_location, settings.ssl_key_location)
-    if settings.security_protocol == "SSL":
-        return faust.SSLCredentials(context)
-    password = settings.sasl_password.get_secret_value() if settings.sasl_password else None
-    return faust.SASLCredentials(username=settings.sasl_username, password=password, ssl_context=context,
-                                 mechanism=settings.sasl_mechanism or "PLAIN")
+class OffsetGuard:
+    """Each input partition's events in offset order, none skipped: faust 0.15 can drop fetched messages around a
+    table recovery (DEVLOG: "DROPPED MESSAGE") and commit past them.  Behind the expected offset (first: the group's
+    committed one): a redelivery, acked unprocessed.  Ahead: if the broker has records at the expected offset,
+    faust skipped them and the partition is sought back (events fetched before stay unacked), else it is a hole."""
+
+    def __init__(self, app: faust.App, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+        self.expected: dict[TP, int] = {}  # next offset per input partition
+        self.rewound: dict[TP, int] = {}  # partitions sought back to this offset, until it arrives
+
+    def _probe(self, tp: TP, offset: int | None) -> int | None:
+        """The group's committed offset (``offset`` None), else the first offset at or after ``offset``."""
+        from confluent_kafka import Consumer, TopicPartition
+
+        probe = Consumer(self.settings.kafka_client_config() | {"group.id": self.app.conf.id,
+                         "enable.auto.commit": False, "isolation.level": "read_uncommitted"})
+        try:
+            if offset is None:
+                found = probe.committed([TopicPartition(tp.topic, tp.partition)], METADATA_TIMEOUT_S)[0].offset
+                return found if found >= 0 else None
+            probe.assign([TopicPartition(tp.topic, tp.partition, offset)])
+            return next((m.offset() for m in probe.consume(1, METADATA_TIMEOUT_S) if m.error() is None), None)
+        finally:
+            probe.close()
+
+    async def sort(self, events: Events) -> tuple[Events, Events]:
+        """(events to process now, redeliveries to ack unprocessed); the others stay unacked."""
+        ready, again = cast(tuple[Events, Events], ([], []))
+        for event in events:
+            tp, offset = event.message.tp, event.message.offset
+            if tp not in self.expected:
+                committed = await asyncio.to_thread(self._probe, tp, None)
+                self.expected[tp] = offset if committed is None else committed
+            want = self.expected[tp]
+            if offset < want:
+                again.append(event)  # a redelivery
+                continue
+            if offset > want and self.rewound.get(tp) == want:
+                continue  # fetched before the seek back
+            first = await asyncio.to_thread(self._probe, tp, want) if offset > want else None
+            if first is not None and first < offset:
+                log.warning("faust skipped %s[%d]@%d..%d: seeking back", tp.topic, tp.partition, want, offset - 1)
+                self.rewound[tp] = want
+                await self.app.consumer.seek(tp, want)
+                continue
+            self.rewound.pop(tp, None)
+            self.expected[tp] = offset + 1
+            ready.append(event)
+        return ready, again
 
 
 class FaustStep:
     """The agent's state and per-batch work: one operator, its device registry, the state table."""
 
     def __init__(self, app: faust.App, settings: Settings, operator: LiquidOperator, table: DeviceStateTable) -> None:
-        self.app, self.settings, self.operator, self.table = app, settings, operator, table
+        self.app, self.operator, self.table = app, operator, table
         self.topics = OutputTopics(settings.predictions_topic, settings.alerts_topic, settings.dlq_topic)
         self.limits = DecodeLimits.from_settings(settings, operator.n_channels)
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-faust"
         self.layout, self.registry, self.stats = StateLayout(operator.store), DeviceRegistry(), Stats()
-        self.lock = asyncio.Lock()  # batches, revocations and evictions never interleave
+        self.guard, self.lock = OffsetGuard(app, settings), asyncio.Lock()  # (batches and revocations)
 
     def _restore(self, device_ids: Sequence[str]) -> None:
         """``before_process``: devices the operator lacks come from the table (GIL-safe dict reads, off-loop)."""
@@ -147,7 +175,7 @@ class FaustStep:
         store = self.operator.store
         return out, self.layout.split(store.snapshot([d for d in out.device_partitions if d in store]))
 
-    async def handle(self, events: Sequence[EventT[Any]]) -> None:
+    async def handle(self, events: Events) -> None:
         """Process one batch; returns once its outputs and then its devices' state are delivered."""
         started = time.monotonic()
         async with self.lock:
@@ -160,50 +188,34 @@ class FaustStep:
                 key = device.encode("utf-8")
                 self.table.home[key] = out.device_partitions[device][1]
                 self.table[key] = blob
-            await self._changelog_delivered()
+            changelog, self.table.sent = self.table.sent, []
+            await asyncio.gather(*changelog)
         self.stats.add(out, time.monotonic() - started)
-
-    async def _changelog_delivered(self) -> None:
-        sent, self.table.sent = self.table.sent, []
-        await asyncio.gather(*sent)
 
     async def on_revoked(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         """``app.on_partitions_revoked`` receiver (``args[0]``: revoked partitions): their devices go."""
         revoked = cast(set[TP], args[0] if args else kwargs.get("revoked", set()))
+        for tp in revoked:
+            self.guard.expected.pop(tp, None)
+            self.guard.rewound.pop(tp, None)
         async with self.lock:
             dropped = self.operator.store.drop(self.registry.release((tp.topic, tp.partition) for tp in revoked))
         log.info("partitions revoked: %d device(s) dropped from the operator", len(dropped))
 
-    async def housekeeping(self) -> None:
-        """Timer: drop devices idle for ``state_ttl_s`` of event time (table too, as the worker does); stats."""
-        async with self.lock:
-            store, ttl_ms = self.operator.store, int(self.settings.operator.state_ttl_s * 1000)
-            ids = store.device_ids()
-            last: list[int] = store.host["last_ts_ms"][store.lookup(ids)].tolist()
-            idle = [d for d, ts in zip(ids, last, strict=True) if ts < max(last, default=0) - ttl_ms]
-            for key in (d.encode("utf-8") for d in self.registry.partitions_of(idle)):
-                if key in self.table:
-                    del self.table[key]  # a tombstone in the device's changelog partition (``home``)
-            await self._changelog_delivered()
-            self.registry.forget(store.drop(idle))
-        if idle:
-            log.info("evicted %d idle device(s) (state_ttl_s=%s)", len(idle), self.settings.operator.state_ttl_s)
+    async def log_stats(self) -> None:
         log.info("stats %s", json.dumps(self.stats.as_dict() | {"devices": len(self.operator.store)}))
 
 
 def build_app(settings: Settings, operator: LiquidOperator | None = None) -> faust.App:
     """The faust app serving ``operator`` (default: ``settings.model``, as ``liquidstream run`` loads it)."""
-    if settings.guarantee != "at_least_once":
-        msg = "the faust app is at-least-once only: set LIQUIDSTREAM_GUARANTEE=at_least_once (docs/faust.md)"
+    if settings.guarantee != "at_least_once" or settings.security_protocol != "PLAINTEXT":
+        msg = "the faust app is at-least-once and PLAINTEXT only: set LIQUIDSTREAM_GUARANTEE=at_least_once"
         raise ConfigurationError(msg)
-    if operator is None:
-        from pipeline.cli_kafka import build_operator
-
-        operator = build_operator(settings, None)
+    operator = operator or build_operator(settings, None)
     partitions = input_partitions(settings)
     app = faust.App(
         settings.group_id + "-faust", broker=f"kafka://{settings.bootstrap}",
-        broker_credentials=broker_credentials(settings), store="memory://", web_enabled=False,
+        store="memory://", web_enabled=False,
         topic_partitions=partitions, key_serializer="raw", value_serializer="raw",
         consumer_auto_offset_reset=settings.auto_offset_reset, producer_acks=-1,
         producer_partitioner=librdkafka_partitioner, stream_buffer_maxsize=max(4096, settings.batch_max_messages))
@@ -217,21 +229,19 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
     within_s = settings.batch_max_ms / 1000.0
 
     async def liquid_operator(stream: StreamT[bytes]) -> None:
-        # noack_take yields the events themselves and leaves acking to us: only a handled batch is acked,
-        # so an exception here leaves its offsets uncommitted.
+        # noack_take yields the events themselves and leaves acking to us: only handled events are acked.
         async for batch in cast(faust.Stream[bytes], stream).noack_take(settings.batch_max_messages, within_s):
-            events = cast(Sequence[EventT[Any]], batch)
-            await step.handle(events)
-            for event in events:
+            ready, again = await step.guard.sort(cast(Events, batch))
+            if ready:
+                await step.handle(ready)
+            for event in (*ready, *again):
                 await stream.ack(event)
 
     app.agent(source, name=AGENT_NAME)(liquid_operator)
-    app.timer(STATS_EVERY_S, name="housekeeping")(step.housekeeping)
+    app.timer(STATS_EVERY_S, name="stats")(step.log_stats)
     # mode's SignalHandlerT rejects every function, even one of exactly its documented shape
     app.on_partitions_revoked.connect(step.on_revoked)  # type: ignore[arg-type]
-    log.info("faust app %s: %s (%d partitions) -> %s, %s, %s; model %s", app.conf.id, settings.input_topic,
-             partitions, settings.predictions_topic, settings.alerts_topic, settings.dlq_topic,
-             operator.model_version)
+    log.info("faust app %s: %s (%d partitions), model %s", app.conf.id, source, partitions, operator.model_version)
     return app
 
 

@@ -17,7 +17,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import KafkaError, KafkaException
@@ -70,6 +70,19 @@ class BrokerWatch:
         self.reachable = True
         self.failure: str | None = None
         self.last_error: str | None = None
+        #: partition -> offset the application committed last (see :meth:`committed`).
+        self.commits: dict[int, int] = {}
+
+    def committed(self, offsets: Mapping[int, int]) -> None:
+        """Offsets of ``topic`` just committed by the application (after each batch).  Lag counts from these:
+        under exactly-once the producer's transaction commits them, and librdkafka's own ``consumer_lag``
+        keeps counting from the offset the consumer fetched at assignment."""
+        self.commits.update(offsets)
+
+    def forget(self, partitions: Iterable[int]) -> None:
+        """Revoked partitions: their commits are no longer this member's to report."""
+        for partition in partitions:
+            self.commits.pop(partition, None)
 
     def callbacks(self, *, stats: bool = True) -> dict[str, Any]:
         conf: dict[str, Any] = {"error_cb": self.error_cb}
@@ -101,10 +114,20 @@ class BrokerWatch:
         for key, part in stats.get("topics", {}).get(self.topic, {}).get("partitions", {}).items():
             if int(key) < 0 or not part.get("desired"):  # -1: librdkafka's unassigned-messages queue
                 continue
-            lag = int(part.get("consumer_lag", -1))  # from the committed offset; -1 before a first commit
-            if lag < 0 and part.get("hi_offset", -1) >= 0 and part.get("app_offset", -1) >= 0:
-                lag = int(part["hi_offset"]) - int(part["app_offset"])  # from the position instead
-            self.metrics.set_lag(int(key), lag)
+            self.metrics.set_lag(int(key), _lag(part, self.commits.get(int(key))))
+
+
+def _lag(part: dict[str, Any], committed: int | None) -> int:
+    """Messages between the committed offset and the end (last stable offset under ``read_committed``) of one
+    partition in librdkafka statistics; negative = unknown (no series)."""
+    end = int(part.get("ls_offset", -1))
+    end = end if end >= 0 else int(part.get("hi_offset", -1))
+    if end >= 0 and committed is not None:
+        return max(end - committed, 0)
+    lag = int(part.get("consumer_lag", -1))  # from the offset committed as of assignment; -1 before any commit
+    if lag < 0 and end >= 0 and part.get("app_offset", -1) >= 0:
+        lag = end - int(part["app_offset"])  # before a first commit: from the position instead
+    return 0 if lag < 0 and end == 0 else lag  # an empty partition is never behind
 
 
 class Readiness:

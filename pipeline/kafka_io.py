@@ -6,8 +6,10 @@ pre-batch state back and the consumer seeks to the batch's first offsets, so it 
 
 On assignment (in the rebalance callback: before any of the partitions' messages is fetched) the worker
 fetches the group's committed offsets (stable: pending transactions resolved first) and restores the
-partitions' devices from the changelog (:attr:`KafkaWorker.ready` False meanwhile).  Revoked partitions'
-devices are dropped after their last commit (each batch commits before the next ``consume``).
+partitions' devices from the changelog (:attr:`KafkaWorker.ready` False meanwhile); revoked partitions'
+devices are dropped after their last commit (each batch commits before the next ``consume``): see
+:mod:`pipeline.rebalance`.  Metrics, liveness and readiness go through :class:`~pipeline.worker_ops.WorkerOps`,
+served over HTTP on ``metrics_port`` when ``serve_ops`` (``liquidstream run``; not unit tests' fake clients).
 """
 
 from __future__ import annotations
@@ -15,41 +17,47 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from operators.errors import StateFormatError
 from operators.operator import LiquidOperator
 from pipeline import changelog as cl
 from pipeline import transactions as tx
 from pipeline import worker as step
 from pipeline.codec import DecodeLimits
 from pipeline.errors import PipelineError
+from pipeline.rebalance import RESTORE_TIMEOUT_S, Rebalancing
 from pipeline.settings import Settings
 from pipeline.worker import StateUndo, TopicPart
+from pipeline.worker_ops import WorkerOps
 
 log = logging.getLogger("liquidstream.worker")
 STATS_EVERY_S = 10.0  # seconds between periodic stats lines (and idle-device eviction)
-RESTORE_TIMEOUT_S = 120.0  # seconds for the committed-offset fetch and the changelog read on assignment
 MAX_ABORTS_IN_ROW = 5  # a batch whose transaction keeps aborting (e.g. a record too large) stops the worker
+RESTORE_TRIES = 5  # reads of the changelog on assignment while its partitions' leaders are moving
+_MOVING = frozenset({KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                     KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_PARTITION})
 
 
-class KafkaWorker:
+class KafkaWorker(Rebalancing):
     """One consumer-group member running the operator over its partitions until stopped or idle."""
 
     def __init__(self, settings: Settings, operator: LiquidOperator, *, worker_id: str,
-                 consumer: Consumer | None = None, producer: Producer | None = None) -> None:
-        """``consumer``/``producer`` replace the clients built from ``settings`` (tests)."""
+                 consumer: Consumer | None = None, producer: Producer | None = None, serve_ops: bool = False,
+                 ops: WorkerOps | None = None) -> None:
+        """``consumer``/``producer`` replace the clients built from ``settings`` (tests); ``serve_ops``: serve
+        ``/metrics``, ``/healthz``, ``/readyz`` on ``settings.metrics_port`` while :meth:`run` runs."""
         self.settings, self.operator, self.worker_id = settings, operator, worker_id
+        self.ops, self.serve_ops = ops or WorkerOps(settings), serve_ops
         self.eos = settings.guarantee == "exactly_once"
         self.topics = step.OutputTopics(settings.predictions_topic, settings.alerts_topic, settings.dlq_topic)
         self.limits = DecodeLimits.from_settings(settings, operator.n_channels)
         self.stats, self.registry, self.layout = step.Stats(), step.DeviceRegistry(), cl.StateLayout(operator.store)
-        self.consumer = consumer or Consumer(tx.consumer_config(settings))
+        self.consumer = consumer or Consumer(self.ops.client_config(tx.consumer_config(settings), stats=True))
         txn_id = tx.transactional_id(settings, worker_id)
-        self.producer = producer or Producer(tx.producer_config(settings, txn_id if self.eos else None))
+        self.producer = producer or Producer(self.ops.client_config(
+            tx.producer_config(settings, txn_id if self.eos else None), stats=False))
         self._assigned: set[TopicPart] = set()  # shared with the at-least-once committer: mutate in place
         self.committer: tx.Committer = tx.ExactlyOnce(self.producer, self.consumer, txn_id) if self.eos else \
             tx.AtLeastOnce(self.producer, self.consumer, self._assigned, settings.group_id)
@@ -61,11 +69,6 @@ class KafkaWorker:
         self._warned: dict[int, float] = {}
         self._joined, self._aborts_in_row = False, 0
 
-    @property
-    def ready(self) -> bool:
-        """True once the worker joined its group and every assigned partition's state is restored."""
-        return self._joined and not self._restoring
-
     def stop(self, signum: int | None = None, _frame: object = None) -> None:
         """Signal handler: finish the current batch, commit it, close, exit 0."""
         self._stop_reason = f"signal {signum}" if signum is not None else "stop requested"
@@ -74,6 +77,9 @@ class KafkaWorker:
         s = self.settings
         code, batch = 0, list[Message]()
         try:
+            self.ops.set_model_version(self.operator.model_version)
+            if self.serve_ops:
+                self.ops.start(s.metrics_port, worker_ready=lambda: self.ready)
             partitions = self.ensure_changelog()
             self.committer.start()
             self.consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
@@ -82,6 +88,7 @@ class KafkaWorker:
                      self.worker_id, s.input_topic, partitions, s.group_id, s.guarantee, s.changelog,
                      s.batch_max_messages, s.batch_max_ms)
             while self._stop_reason is None:
+                self.ops.beat()
                 batch = []  # so that an error in consume() is not reported against the previous batch
                 batch = self._data(self.consumer.consume(num_messages=s.batch_max_messages,
                                                          timeout=s.batch_max_ms / 1000.0))
@@ -105,8 +112,19 @@ class KafkaWorker:
         return cl.ensure_topic(AdminClient(self.settings.kafka_client_config()), self.settings)
 
     def read_changelog(self, need: dict[int, int]) -> cl.Restored:
+        """The changelog partitions ``need``; a leader moving (or not settled yet: a changelog topic created a
+        moment ago is in the metadata before its broker serves it) is retried, anything else raises."""
         self._restorer = self._restorer or cl.restore_consumer(self.settings)
-        return cl.read_changelog(self._restorer, self.settings.changelog, need, RESTORE_TIMEOUT_S)
+        for attempt in range(1, RESTORE_TRIES + 1):
+            try:
+                return cl.read_changelog(self._restorer, self.settings.changelog, need, RESTORE_TIMEOUT_S)
+            except PipelineError as ex:
+                cause = ex.__cause__.args[0] if isinstance(ex.__cause__, KafkaException) else None
+                if attempt == RESTORE_TRIES or not isinstance(cause, KafkaError) or cause.code() not in _MOVING:
+                    raise
+                log.warning("%s (attempt %d of %d, retrying)", ex, attempt, RESTORE_TRIES)
+                time.sleep(0.5 * attempt)
+        raise AssertionError  # unreachable: the last attempt returns or raises
 
     # ------------------------------------------------------------------ batches
     def _data(self, messages: list[Message]) -> list[Message]:
@@ -145,6 +163,7 @@ class KafkaWorker:
         self._aborts_in_row = 0
         self.registry.note(out.device_partitions)
         self.stats.add(out, time.monotonic() - t0)
+        self.ops.batch_done(out, time.monotonic() - t0, len(self.operator.store))
         self._last_activity = time.monotonic()
 
     def _rewind(self, batch: list[Message], undo: StateUndo) -> None:
@@ -159,59 +178,6 @@ class KafkaWorker:
         for (t, p), o in sorted(first.items()):
             if (t, p) in self._assigned:
                 self.consumer.seek(TopicPartition(t, p, o))
-
-    # ------------------------------------------------------------------ rebalances
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        tps = {(tp.topic, tp.partition) for tp in partitions}
-        self._restoring.update(tps)
-        if tps:
-            self._restore(consumer, partitions)
-        self._assigned.update(tps)
-        self._restoring.difference_update(tps)
-        self._joined, self._last_activity = True, time.monotonic()
-        log.info("assigned %s", sorted(f"{t}[{p}]" for t, p in tps))
-
-    def _restore(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        """The partitions' devices, as of the offsets the group committed, back into the operator's store."""
-        t0, store, topic = time.monotonic(), self.operator.store, self.settings.changelog
-        # read_committed: waits until a pending transaction's offsets are resolved (KafkaException -> exit 2)
-        need = {tp.partition: max(tp.offset, -1) for tp in consumer.committed(partitions, RESTORE_TIMEOUT_S)}
-        got = self.read_changelog(need)
-        store.drop(self.registry.release((tp.topic, tp.partition) for tp in partitions))  # stale, if any
-        try:
-            if got.blobs:
-                store.restore(self.layout.merge(got.blobs))
-        except StateFormatError as ex:
-            msg = f"changelog {topic} partitions {sorted(need)}: state does not fit this model: {ex}"
-            raise PipelineError(msg) from ex
-        topic_of = {tp.partition: tp.topic for tp in partitions}
-        self.registry.note({d: (topic_of[p], p) for d, p in got.partition_of.items()})
-        for p, ahead in got.progress.items():  # at-least-once crash after the changelog, before the offsets
-            if ahead > need[p]:
-                self._replayed[(topic_of[p], p)] = ahead
-                log.warning("%s[%d]@%d..%d: already in the restored state, skipped", topic_of[p], p, need[p], ahead - 1)
-        seconds, versions = time.monotonic() - t0, dict(Counter(got.model_version.values()))
-        self.stats.restored_devices += len(got.blobs)
-        self.stats.restore_s += seconds
-        log.info("restored %d device(s) of partitions %s from %s in %.3f s (%d records; written by model versions "
-                 "%s, serving %s)", len(got.blobs), sorted(need), topic, seconds, got.records, versions,
-                 self.operator.model_version)
-
-    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.committer.before_revoke()
-        self._release(partitions, "revoked")
-
-    def _on_lost(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._release(partitions, "lost")  # no commit: another member may own them already
-
-    def _release(self, partitions: list[TopicPartition], how: str) -> None:
-        gone = {(tp.topic, tp.partition) for tp in partitions}
-        self._assigned.difference_update(gone)
-        self.committer.forget(gone)
-        self._replayed = {tp: o for tp, o in self._replayed.items() if tp not in gone}
-        dropped = self.operator.store.drop(self.registry.release(gone))
-        log.info("%s %s; dropped the state of %d device(s)", how, sorted(f"{t}[{p}]" for t, p in gone),
-                 len(dropped))
 
     # ------------------------------------------------------------------ housekeeping
     def _close(self, code: int) -> None:
@@ -229,6 +195,7 @@ class KafkaWorker:
                                         "guarantee": self.settings.guarantee}
         log.info("final stats %s", json.dumps(final))
         print(json.dumps(final), flush=True)  # stdout: one JSON line, for scripts and tests
+        self.ops.stop()  # after the last batch's metrics: scrapeable until the clients are closed
 
     def _maybe_log_stats(self) -> None:
         if time.monotonic() - self._last_stats >= STATS_EVERY_S:
@@ -246,4 +213,5 @@ class KafkaWorker:
         gone = cl.tombstones(self.registry.partitions_of(idle), self.settings.changelog)
         if idle and self.committer.commit([], gone, {}):
             self.registry.forget(store.drop(idle))
+            self.ops.metrics.set_devices(len(store))
             log.info("evicted %d idle device(s) (state_ttl_s=%s)", len(idle), ttl_s)

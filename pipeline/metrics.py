@@ -237,8 +237,9 @@ class OpsServer:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.25},
                                         name="liquidstream-ops-http", daemon=True)
         self._thread.start()
-        log.info("serving /metrics, /healthz, /readyz on %s:%d", self.host, self._server.server_address[1])
-        return int(self._server.server_address[1])
+        bound = int(self._server.server_address[1])
+        log.info("serving /metrics, /healthz, /readyz on %s:%d", self.host, bound, extra={"metrics_port": bound})
+        return bound
 
     def stop(self) -> None:
         """Stop serving and close the socket (idempotent)."""

@@ -71,6 +71,8 @@ class BatchOutput:
     alerts: int = 0
     dead_letters: Counter[str] = field(default_factory=Counter)
     device_partitions: dict[str, TopicPart] = field(default_factory=dict)  # device -> where it was read
+    late: int = 0  # readings older than their device's last applied one (dropped or applied per policy)
+    event_ts_ms: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # of the predictions out
 
 
 def coords(message: MessageLike) -> SourceCoords:
@@ -180,7 +182,7 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
     if before_process is not None:
         before_process(decoded.device_ids)
     result = operator.process(decoded.device_ids, decoded.ts_ms, decoded.values)
-    row_src = [src[i] for i in rows]
+    row_src, published = [src[i] for i in rows], list[int]()
     for k, rec in prediction_records(decoded.device_ids, result, operator.model_version, row_src):
         try:
             value = encode_json(rec)
@@ -188,7 +190,9 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
             letter(rows[k], DeadLetterReason.NON_FINITE, f"prediction is not finite: {ex}")
             continue
         out.records.append(OutRecord(topics.predictions, rec["device_id"].encode("utf-8"), value))
-        out.predictions += 1
+        published.append(k)
+    out.predictions, out.event_ts_ms = len(published), result.ts_ms[published]
+    out.late = int(np.isin(result.status, (EventStatus.LATE_DROPPED, EventStatus.LATE_ACCEPTED)).sum())
     for _, rec in alert_records(result, operator.model_version, row_src, decoded.channels):
         try:
             value = encode_json(rec)

@@ -160,7 +160,8 @@ def cli(*args: str) -> list[str]:
 
 def spawn(cmd: list[str], log: Path, started: list[subprocess.Popen[str]],
           env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    full_env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "LIQUIDSTREAM_LOG_LEVEL": "INFO"} | (env or {})
+    full_env = os.environ | {"PYTHONPATH": str(REPO_ROOT), "LIQUIDSTREAM_LOG_LEVEL": "INFO",
+                               "LIQUIDSTREAM_METRICS_PORT": "0"} | (env or {})
     with log.open("w") as err:
         proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE, stderr=err, text=True)
     started.append(proc)

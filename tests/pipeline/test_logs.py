@@ -134,3 +134,28 @@ def test_a_malformed_log_call_does_not_raise() -> None:
 def test_bad_level_is_a_configuration_error() -> None:
     with pytest.raises(ConfigurationError, match="log_level"):
         setup_logging(Settings(log_level="chatty"), stream=io.StringIO())
+
+
+@pytest.mark.parametrize("command", [["simulate", "--devices", "1", "--events", "1"],
+                                     ["run", "--channels", "2", "--device", "cpu", "--metrics-port", "0"]])
+def test_kafka_commands_log_through_this_module_and_stop_on_bad_credentials(
+        command: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """``run``/``simulate`` set up these logs, then preflight: a rejected login is one line and exit 2."""
+    from pipeline import cli, cli_kafka, health
+
+    assert vars(cli_kafka)["setup_logging"] is setup_logging  # no second, unredacted set-up of its own
+    formatters: list[str] = []
+
+    def rejected(settings: Settings, timeout_s: float = 20.0) -> bool:
+        formatters.extend(type(h.formatter).__name__ for h in logging.getLogger().handlers)
+        msg = ("Kafka authentication failed: SASL authentication error: Authentication failed during "
+               "authentication due to invalid credentials with SASL mechanism SCRAM-SHA-512")
+        raise ConfigurationError(msg)
+
+    monkeypatch.setattr(health, "preflight", rejected)
+    monkeypatch.setenv("LIQUIDSTREAM_SASL_PASSWORD", PASSWORD)
+    assert cli.main(command) == 2
+    out, err = capsys.readouterr()
+    assert formatters == ["JsonFormatter"]  # stderr is not a terminal here
+    assert err.strip().splitlines()[-1].startswith(f"liquidstream {command[0]}: error: Kafka authentication failed")
+    assert PASSWORD not in out + err and out == ""

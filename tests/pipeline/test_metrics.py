@@ -203,12 +203,23 @@ def test_broker_watch_fails_fast_on_authentication_and_tracks_lag() -> None:
                  "0": {"desired": True, "consumer_lag": 7},
                  "1": {"desired": True, "consumer_lag": -1, "hi_offset": 50, "app_offset": 20},
                  "2": {"desired": False, "consumer_lag": 9},
+                 # exactly-once: the transaction commits, librdkafka's consumer_lag still counts from the offset
+                 # fetched at assignment (10); the application's last commit (100) against the end is the lag.
+                 "3": {"desired": True, "consumer_lag": 94, "committed_offset": 10, "app_offset": 104,
+                       "hi_offset": 106, "ls_offset": 104},
+                 "4": {"desired": True, "consumer_lag": -1, "app_offset": -1001, "hi_offset": 0},  # empty
                  "-1": {"desired": False, "consumer_lag": -1}}}}}
+    watch.committed({3: 100})
     watch.stats_cb(json.dumps(stats))
     assert watch.reachable
     assert metrics.value("liquidstream_consumer_lag", partition="0") == 7.0
     assert metrics.value("liquidstream_consumer_lag", partition="1") == 30.0
     assert metrics.value("liquidstream_consumer_lag", partition="2") is None
+    assert metrics.value("liquidstream_consumer_lag", partition="3") == 4.0
+    assert metrics.value("liquidstream_consumer_lag", partition="4") == 0.0
+    watch.forget([3])
+    watch.stats_cb(json.dumps(stats))
+    assert metrics.value("liquidstream_consumer_lag", partition="3") == 94.0  # librdkafka's again
 
 
 def test_stop_releases_the_port() -> None:

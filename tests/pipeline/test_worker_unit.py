@@ -4,8 +4,12 @@ generator (pipeline.simulate_kafka), client configs, and the consume/produce/flu
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -21,8 +25,9 @@ from pipeline.cli import _settings
 from pipeline.cli_kafka import full_parser
 from pipeline.codec import DecodeLimits, decode_batch
 from pipeline.dlq import parse_dead_letter_headers
-from pipeline.errors import EncodeError, KafkaDeliveryError, PipelineError
+from pipeline.errors import ConfigurationError, EncodeError, KafkaDeliveryError, PipelineError
 from pipeline.kafka_io import KafkaWorker
+from pipeline.metrics import OpsServer
 from pipeline.settings import Settings
 from pipeline.simulate_kafka import (
     FAULT_HEADER,
@@ -42,6 +47,7 @@ from pipeline.worker import (
     handle_batch,
     offsets_to_commit,
 )
+from pipeline.worker_ops import WorkerOps
 
 NOW_MS = 1_800_000_000_000
 TOPICS = OutputTopics("preds", "alerts", "dlq")
@@ -58,7 +64,7 @@ def _msg(partition: int, offset: int, key: bytes | None, value: bytes | None, to
     return Message(topic=topic, partition=partition, offset=offset, key=key, value=value, headers=headers)
 
 
-def _reading(dev: str, ts: int, values: tuple[float, float] = (1.0, 2.0)) -> bytes:
+def _reading(dev: str, ts: int, values: tuple[float, ...] = (1.0, 2.0)) -> bytes:
     return json.dumps({"device_id": dev, "ts": ts, "values": list(values)}).encode()
 
 
@@ -95,6 +101,7 @@ def test_batch_routes_every_message_exactly_once() -> None:
     assert hdrs["ls.source.partition"] == "0" and hdrs["ls.worker"] == "w-1"
     assert dlq["7"].key is None and dlq["7"].value is None
     assert out.device_partitions == {"a": ("readings", 0), "b": ("readings", 1)}
+    assert out.event_ts_ms.tolist() == [NOW_MS - 3000, NOW_MS - 3000, NOW_MS - 2000] and out.late == 0
 
 
 def test_late_and_duplicate_readings_go_to_the_dlq_with_their_original_bytes() -> None:
@@ -105,6 +112,7 @@ def test_late_and_duplicate_readings_go_to_the_dlq_with_their_original_bytes() -
     out = handle_batch([_msg(0, 5, b"a", late), _msg(0, 6, b"a", dup), _msg(0, 7, b"a", _reading("a", NOW_MS))],
                        op, TOPICS, LIMITS, NOW_MS)
     assert out.predictions == 1 and out.dead_letters == Counter({"late": 1, "duplicate": 1})
+    assert out.late == 1 and out.event_ts_ms.tolist() == [NOW_MS]  # the published prediction's event time
     dlq = {parse_dead_letter_headers(r.headers)["ls.error.class"]: r for r in _by_topic(out)["dlq"]}
     assert dlq["late"].value == late and dlq["duplicate"].value == dup and dlq["late"].key == b"a"
     assert parse_dead_letter_headers(dlq["late"].headers)["ls.source.offset"] == "5"
@@ -135,6 +143,7 @@ def test_unencodable_prediction_becomes_a_dead_letter(monkeypatch: pytest.Monkey
     out = handle_batch([_msg(0, 0, b"bad", _reading("bad", NOW_MS)), _msg(0, 1, b"ok", _reading("ok", NOW_MS))],
                        _operator(), TOPICS, LIMITS, NOW_MS)
     assert out.predictions == 1 and out.dead_letters == Counter({"non_finite": 1})
+    assert out.event_ts_ms.tolist() == [NOW_MS]  # no latency observed for the dead-lettered one
 
 
 def test_offsets_to_commit_is_last_offset_plus_one_per_partition() -> None:
@@ -234,8 +243,11 @@ def test_run_flags_map_onto_settings() -> None:
     assert (s.bootstrap, s.input_topic, s.group_id, s.exit_when_idle_s, s.batch_max_messages, s.batch_max_ms,
             str(s.model), s.device, s.dlq_topic) == ("k:9092", "in", "g", 2.5, 7, 9, "m.pt", "cpu", "d")
     assert _settings(full_parser().parse_args(["run"])).exit_when_idle_s is None
-    with pytest.raises(SystemExit):
-        full_parser().parse_args(["run", "--batch-max-messages", "0"])
+    assert _settings(full_parser().parse_args(["run"])).metrics_port == 9108
+    assert _settings(full_parser().parse_args(["run", "--metrics-port", "0"])).metrics_port == 0
+    for bad in (["--batch-max-messages", "0"], ["--metrics-port", "65536"]):
+        with pytest.raises(SystemExit):
+            full_parser().parse_args(["run", *bad])
 
 
 # ------------------------------------------------------------------------------------------- the loop
@@ -347,7 +359,8 @@ class FakeConsumer:
 
     def close(self) -> None:
         self.log.append("close")
-        self.callbacks["on_revoke"](self, [TopicPartition("readings", 0), TopicPartition("readings", 1)])
+        if self.callbacks:  # subscribed: leaving the group revokes its partitions
+            self.callbacks["on_revoke"](self, [TopicPartition("readings", 0), TopicPartition("readings", 1)])
 
 
 class _Worker(KafkaWorker):
@@ -356,6 +369,7 @@ class _Worker(KafkaWorker):
     restored = Restored()
     needs: list[dict[int, int]]
     ready_while_restoring: bool | None = None
+    readyz_while_restoring: tuple[bool, str] | None = None
 
     def ensure_changelog(self) -> int:
         return 2
@@ -363,18 +377,21 @@ class _Worker(KafkaWorker):
     def read_changelog(self, need: dict[int, int]) -> Restored:
         self.needs = [*getattr(self, "needs", []), need]
         self.ready_while_restoring = self.ready
+        self.readyz_while_restoring = self.ops.check()
         return self.restored
 
 
 def _worker(batches: list[list[Message]], *, fail_topic: str | None = None, guarantee: str = "at_least_once",
             on_call: Callable[[int], None] | None = None, abort_commits: int = 0, fence: bool = False,
-            committed: dict[int, int] | None = None) -> tuple[_Worker, FakeConsumer, list[str]]:
+            committed: dict[int, int] | None = None, serve_ops: bool = False,
+            ) -> tuple[_Worker, FakeConsumer, list[str]]:
     log: list[str] = []
     consumer = FakeConsumer(log, batches, on_call, committed)
     settings = Settings(exit_when_idle_s=0.0, predictions_topic="preds", dlq_topic="dlq", ts_min_ms=0,
-                        guarantee=guarantee)  # type: ignore[arg-type]
+                        guarantee=guarantee, metrics_port=0)  # type: ignore[arg-type]
     worker = _Worker(settings, _operator(), worker_id="w", consumer=consumer,  # type: ignore[arg-type]
-                     producer=FakeProducer(log, fail_topic, abort_commits, fence))  # type: ignore[arg-type]
+                     producer=FakeProducer(log, fail_topic, abort_commits, fence),  # type: ignore[arg-type]
+                     serve_ops=serve_ops)
     return worker, consumer, log
 
 
@@ -570,3 +587,121 @@ def test_delivery_tracker_reports_the_first_failure() -> None:
         tracker.check()
     assert info.value.topic == "dlq" and info.value.partition == 3
     tracker.check()  # cleared
+
+
+# ------------------------------------------------------------------------------------------- metrics, probes
+def _http(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:  # noqa: S310
+            return int(resp.status), resp.read().decode()
+    except urllib.error.HTTPError as ex:
+        return ex.code, ex.read().decode()
+
+
+def test_worker_metrics_follow_batches_restores_and_revocations() -> None:
+    now = time.time_ns() // 1_000_000
+    first = _now_batch(0, 0, 3, "a") + _now_batch(1, 0, 2, "b") + [_msg(1, 2, b"b", b"garbage")]
+    late = [_msg(0, 3, b"a", _reading("a", now - 60_000)), _msg(0, 4, b"c", _reading("c", now, (1.0,)))]
+    seen: list[tuple[float | None, ...]] = []
+
+    def probe(n: int) -> None:  # before consume n: what the loop reported after batch n - 1
+        m = worker.ops.metrics
+        seen.append((m.value("liquidstream_events_processed_total"), m.value("liquidstream_devices")))
+
+    worker, _, _ = _worker([first, late], guarantee="exactly_once", on_call=probe)
+    m = worker.ops.metrics
+    assert worker.ops.check() == (False, "no partition assignment yet")
+    assert worker.run() == 0
+    assert worker.readyz_while_restoring is not None and not worker.readyz_while_restoring[0]
+    assert worker.readyz_while_restoring[1].startswith("restoring state of 2 partition(s): readings[0]")
+    assert seen[:3] == [(0.0, 0.0), (6.0, 2.0), (8.0, 2.0)]  # a batch, then the late one and a wrong length
+    assert m.value("liquidstream_predictions_total") == 5 and m.value("liquidstream_late_events_total") == 1
+    assert {r: m.value("liquidstream_dead_letters_total", reason=r) for r in ("schema", "malformed_json", "late",
+            "wrong_length")} == {"schema": None, "malformed_json": 1, "late": 1, "wrong_length": 1}
+    assert m.value("liquidstream_end_to_end_latency_seconds_count") == 5
+    assert m.value("liquidstream_batch_seconds_count") == 2
+    assert m.value("liquidstream_model_version", version="test") == 1
+    assert m.value("liquidstream_restore_progress") == 1.0
+    assert m.value("liquidstream_devices") == 0  # closing revoked both partitions
+    assert worker.ops.watch.commits == {}  # and their commits are no longer reported as lag
+    assert worker.ops.health.silence_s() < 5 and worker.ops.check() == (True, "ready")  # joined, nothing assigned
+
+
+def test_lag_counts_from_the_worker_commits_under_exactly_once() -> None:
+    worker, _, _ = _worker([_now_batch(0, 0, 3, "a")], guarantee="exactly_once",
+                           on_call=lambda n: stats() if n == 2 else None)
+
+    def stats() -> None:  # librdkafka's consumer_lag still counts from the offset fetched at assignment (0)
+        parts = {"0": {"desired": True, "consumer_lag": 10, "ls_offset": 10, "hi_offset": 10, "app_offset": 10}}
+        worker.ops.watch.stats_cb(json.dumps({"topics": {"readings": {"partitions": parts}}}))
+        lag.append(worker.ops.metrics.value("liquidstream_consumer_lag", partition="0"))
+
+    lag: list[float | None] = []
+    assert worker.run() == 0
+    assert lag == [7.0]  # end 10 - committed 3
+    assert worker.ops.metrics.value("liquidstream_consumer_lag", partition="0") is None  # revoked at close
+
+
+def test_worker_serves_metrics_health_and_readiness_while_it_runs() -> None:
+    got: dict[str, tuple[int, str]] = {}
+
+    def scrape(n: int) -> None:
+        port = worker.ops.port
+        assert port is not None
+        if n == 2:  # after the assignment (restore done) and one batch
+            got.update({path: _http(port, path) for path in ("/metrics", "/healthz", "/readyz")})
+
+    worker, _, _ = _worker([_now_batch(0, 0, 3, "a"), []], on_call=scrape, serve_ops=True)
+    assert worker.run() == 0
+    assert got["/readyz"] == (200, '{"status": "ready", "reason": "ready"}\n')
+    assert got["/healthz"][0] == 200 and json.loads(got["/healthz"][1])["status"] == "ok"
+    assert got["/metrics"][0] == 200 and "liquidstream_events_processed_total 3.0" in got["/metrics"][1]
+    assert worker.ops.server is None  # stopped at shutdown
+
+
+def test_ops_port_in_use_falls_back_to_an_ephemeral_one(caplog: pytest.LogCaptureFixture) -> None:
+    taken = socket.socket()
+    taken.bind(("0.0.0.0", 0))  # noqa: S104 - the worker binds every interface
+    taken.listen()
+    ops = WorkerOps(Settings())
+    try:
+        with caplog.at_level("WARNING", logger="liquidstream.worker"):
+            port = ops.start(taken.getsockname()[1])
+        assert port not in (0, taken.getsockname()[1]) and _http(port, "/healthz")[0] == 200
+        assert f"serving /metrics, /healthz, /readyz on port {port} instead" in caplog.text
+    finally:
+        ops.stop()
+        taken.close()
+
+
+def test_ops_port_that_cannot_be_bound_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    def denied(self: OpsServer, port: int) -> int:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(OpsServer, "start", denied)
+    worker, _, _ = _worker([], serve_ops=True)
+    with pytest.raises(ConfigurationError, match="cannot serve /metrics, /healthz, /readyz on port 0"):
+        worker.ops.start(0)
+    assert worker.run() == 2  # the loop reports it as a configuration error, not as a bug
+
+
+def test_changelog_read_is_retried_while_its_leaders_move(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A changelog topic created a moment ago is in the metadata before its broker leads it (a real race)."""
+    worker, _, _ = _worker([])
+    codes = [KafkaError.NOT_LEADER_FOR_PARTITION, None, KafkaError.TOPIC_AUTHORIZATION_FAILED]
+
+    def read(consumer: Any, topic: str, need: dict[int, int], timeout_s: float) -> Restored:
+        code = codes.pop(0)
+        if code is None:
+            return Restored(records=3)
+        err = PipelineError(f"reading changelog {topic} failed")
+        err.__cause__ = KafkaException(KafkaError(code))
+        raise err
+
+    monkeypatch.setattr("pipeline.changelog.read_changelog", read)
+    monkeypatch.setattr("pipeline.changelog.restore_consumer", lambda settings: object())
+    monkeypatch.setattr(time, "sleep", lambda seconds: None)
+    assert KafkaWorker.read_changelog(worker, {0: 5}).records == 3 and len(codes) == 1
+    with pytest.raises(PipelineError, match="reading changelog"):  # not a moving leader: no retry
+        KafkaWorker.read_changelog(worker, {0: 5})
+    assert codes == []
