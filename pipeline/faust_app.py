@@ -106,6 +106,7 @@ class OffsetGuard:
         self.app, self.settings = app, settings
         self.expected: dict[TP, int] = {}  # next offset per input partition
         self.rewound: dict[TP, int] = {}  # partitions sought back to this offset, until it arrives
+        self.ticked: dict[TP, int | None] = {}  # expected offsets at the last :meth:`unstall`
 
     def _probe(self, tp: TP, offset: int | None) -> int | None:
         """The group's committed offset (``offset`` None), else the first offset at or after ``offset``."""
@@ -147,6 +148,25 @@ class OffsetGuard:
             ready.append(event)
         return ready, again
 
+    async def unstall(self) -> None:
+        """Timer, agent idle: a partition behind its highwater with no progress since the last call is sought
+        back too (faust can set its read offset past messages it dropped; then none arrives to show a hole)."""
+        tps = [tp for tp in self.app.consumer.assignment() if tp.topic == self.settings.input_topic]
+        for tp, high in (await self.app.consumer.highwaters(*tps)).items():
+            want = self.expected.get(tp)
+            want = await asyncio.to_thread(self._probe, tp, None) if want is None else want
+            stuck = want is not None and want < high and self.ticked.get(tp) == want
+            if want is not None and stuck and await asyncio.to_thread(self._probe, tp, want) is not None:
+                log.warning("faust stalled %s[%d] at %d < %d: seeking back", tp.topic, tp.partition, want, high)
+                self.rewound[tp] = want
+                await self.app.consumer.seek(tp, want)
+            self.ticked[tp] = want
+
+    def forget(self, tps: set[TP]) -> None:
+        for mapping in (self.expected, self.rewound, self.ticked):
+            for tp in tps:
+                mapping.pop(tp, None)
+
 
 class FaustStep:
     """The agent's state and per-batch work: one operator, its device registry, the state table."""
@@ -178,6 +198,7 @@ class FaustStep:
     async def handle(self, events: Events) -> None:
         """Process one batch; returns once its outputs and then its devices' state are delivered."""
         started = time.monotonic()
+        self.stats.first_message = self.stats.first_message or started
         async with self.lock:
             out, snapshots = await asyncio.to_thread(self._compute, [EventMessage(e) for e in events])
             self.registry.note(out.device_partitions)
@@ -195,14 +216,14 @@ class FaustStep:
     async def on_revoked(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
         """``app.on_partitions_revoked`` receiver (``args[0]``: revoked partitions): their devices go."""
         revoked = cast(set[TP], args[0] if args else kwargs.get("revoked", set()))
-        for tp in revoked:
-            self.guard.expected.pop(tp, None)
-            self.guard.rewound.pop(tp, None)
+        self.guard.forget(revoked)
         async with self.lock:
             dropped = self.operator.store.drop(self.registry.release((tp.topic, tp.partition) for tp in revoked))
         log.info("partitions revoked: %d device(s) dropped from the operator", len(dropped))
 
-    async def log_stats(self) -> None:
+    async def tick(self) -> None:
+        if not self.lock.locked():
+            await self.guard.unstall()
         log.info("stats %s", json.dumps(self.stats.as_dict() | {"devices": len(self.operator.store)}))
 
 
@@ -238,7 +259,7 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
                 await stream.ack(event)
 
     app.agent(source, name=AGENT_NAME)(liquid_operator)
-    app.timer(STATS_EVERY_S, name="stats")(step.log_stats)
+    app.timer(STATS_EVERY_S, name="tick")(step.tick)
     # mode's SignalHandlerT rejects every function, even one of exactly its documented shape
     app.on_partitions_revoked.connect(step.on_revoked)  # type: ignore[arg-type]
     log.info("faust app %s: %s (%d partitions), model %s", app.conf.id, source, partitions, operator.model_version)
