@@ -107,6 +107,7 @@ class OffsetGuard:
         self.expected: dict[TP, int] = {}  # next offset per input partition
         self.rewound: dict[TP, int] = {}  # partitions sought back to this offset, until it arrives
         self.ticked: dict[TP, int | None] = {}  # expected offsets at the last :meth:`unstall`
+        self.empty: dict[TP, tuple[int, int]] = {}  # (expected, highwater) found to be a trailing hole
 
     def _probe(self, tp: TP, offset: int | None) -> int | None:
         """The group's committed offset (``offset`` None), else the first offset at or after ``offset``."""
@@ -152,18 +153,20 @@ class OffsetGuard:
         """Timer, agent idle: a partition behind its highwater with no progress since the last call is sought
         back too (faust can set its read offset past messages it dropped; then none arrives to show a hole)."""
         tps = [tp for tp in self.app.consumer.assignment() if tp.topic == self.settings.input_topic]
-        for tp, high in (await self.app.consumer.highwaters(*tps)).items():
+        for tp, high in (await self.app.consumer.highwaters(*tps) if tps else {}).items():
             want = self.expected.get(tp)
             want = await asyncio.to_thread(self._probe, tp, None) if want is None else want
-            stuck = want is not None and want < high and self.ticked.get(tp) == want
-            if want is not None and stuck and await asyncio.to_thread(self._probe, tp, want) is not None:
-                log.warning("faust stalled %s[%d] at %d < %d: seeking back", tp.topic, tp.partition, want, high)
-                self.rewound[tp] = want
-                await self.app.consumer.seek(tp, want)
+            if want is not None and want < high and self.ticked.get(tp) == want and self.empty.get(tp) != (want, high):
+                if await asyncio.to_thread(self._probe, tp, want) is None:
+                    self.empty[tp] = (want, high)  # a trailing hole (a transaction marker): not probed again
+                else:
+                    log.warning("faust stalled %s[%d] at %d < %d: seeking back", tp.topic, tp.partition, want, high)
+                    self.rewound[tp] = want
+                    await self.app.consumer.seek(tp, want)
             self.ticked[tp] = want
 
     def forget(self, tps: set[TP]) -> None:
-        for mapping in (self.expected, self.rewound, self.ticked):
+        for mapping in (self.expected, self.rewound, self.ticked, self.empty):
             for tp in tps:
                 mapping.pop(tp, None)
 
@@ -235,8 +238,7 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
     operator = operator or build_operator(settings, None)
     partitions = input_partitions(settings)
     app = faust.App(
-        settings.group_id + "-faust", broker=f"kafka://{settings.bootstrap}",
-        store="memory://", web_enabled=False,
+        settings.group_id + "-faust", broker=f"kafka://{settings.bootstrap}", store="memory://", web_enabled=False,
         topic_partitions=partitions, key_serializer="raw", value_serializer="raw",
         consumer_auto_offset_reset=settings.auto_offset_reset, producer_acks=-1,
         producer_partitioner=librdkafka_partitioner, stream_buffer_maxsize=max(4096, settings.batch_max_messages))
@@ -262,7 +264,8 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
     app.timer(STATS_EVERY_S, name="tick")(step.tick)
     # mode's SignalHandlerT rejects every function, even one of exactly its documented shape
     app.on_partitions_revoked.connect(step.on_revoked)  # type: ignore[arg-type]
-    log.info("faust app %s: %s (%d partitions), model %s", app.conf.id, source, partitions, operator.model_version)
+    log.info("faust app %s: %s (%d partitions), model %s", app.conf.id, settings.input_topic, partitions,
+             operator.model_version)
     return app
 
 
