@@ -3,9 +3,9 @@
 Usage: ``.venv/bin/python benchmarks/state_memory.py [--devices 100000] [--hidden 64] [--channels 8]``
 
 Creates the devices through the public API (``rows_for``), then measures (a) the tensor and numpy bytes of
-the store and (b) the Python heap growth (device-id index, row list) with ``tracemalloc``.  Prints one JSON
+the store and (b) the heap growth (the device-id index arrays, the free-row list) with ``tracemalloc``.  Prints one JSON
 line with ``bytes_per_device`` (everything, at the store's current capacity), ``raw_bytes_per_device``
-(the per-row field sizes) and the capacity overhead of growth by doubling.
+(the per-row field sizes) and the capacity overhead of geometric growth (factor 1.125).
 """
 
 from __future__ import annotations

@@ -116,7 +116,7 @@ def changelog_records(layout: StateLayout, store: DeviceStateStore, devices: Map
     """The state of each device of ``devices`` (id -> input partition) plus one progress record per
     partition of ``commits`` (-> next input offset), each pinned to its input partition's number."""
     out = []
-    for device, blob in layout.split(store.snapshot([d for d in devices if d in store])):
+    for device, blob in layout.split(store.snapshot(list(devices))):  # snapshot skips unknown ids
         t, p = devices[device]
         out.append(OutRecord(topic, device.encode(), blob, _headers(t, p, commits[(t, p)], model_version), p))
     for (t, p), offset in sorted(commits.items()):

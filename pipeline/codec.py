@@ -1,8 +1,9 @@
-"""Columnar decoding of a consumed batch (the worker's hot path) and JSON encoding of output records.
+"""Columnar decoding of a consumed batch (the worker's hot path); output encoding is :mod:`pipeline.encode`.
 
 :func:`decode_batch` applies the :class:`~pipeline.schemas.Reading` contract plus the worker's limits to a
-whole batch without building a pydantic object per message: ``json.loads`` and exact type checks per
-message, then one numpy conversion and one vectorised finiteness check per batch.  Every input message
+whole batch without building a pydantic object per message: ``orjson.loads`` (``json.loads`` where orjson
+refuses or would read an integer event time as a float) and exact type checks per message, then one numpy
+conversion and one vectorised finiteness check per batch.  Every input message
 ends up either in the decoded columns or in ``rejects``, exactly once, with the first failing check in this
 order::
 
@@ -33,16 +34,19 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
 
-from pipeline.errors import ConfigurationError, DecodeError, EncodeError
+from pipeline.encode import encode_json, encode_json_finite
+from pipeline.errors import ConfigurationError, DecodeError
 from pipeline.schemas import MAX_DEVICE_ID_CHARS, DeadLetterReason, describe_non_finite
 
 if TYPE_CHECKING:
     from pipeline.settings import Settings
 
-__all__ = ["DecodeLimits", "DecodedBatch", "Reject", "decode_batch", "encode_json"]
+__all__ = ["DecodeLimits", "DecodedBatch", "Reject", "decode_batch", "encode_json", "encode_json_finite"]
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+_MISSING = object()  # orjson refused the payload
 _NUMBER_TYPES = frozenset((float, int))  # exact types: bool is not a number on the wire
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", float: "number",
                bool: "boolean", type(None): "null"}
@@ -154,8 +158,18 @@ def _parse(payload: bytes | None, key: bytes | None, limits: DecodeLimits, min_t
     if len(payload) > limits.max_payload_bytes:
         detail = f"payload is {len(payload)} bytes, limit {limits.max_payload_bytes}"
         raise _Rejected(DeadLetterReason.OVERSIZE, detail)
+    obj: Any = _MISSING
     try:
-        obj = json.loads(payload.decode("utf-8"))
+        obj = orjson.loads(payload)  # strict RFC 8259, about 5x faster than json.loads
+    except orjson.JSONDecodeError:
+        pass  # json.loads decides (NaN literals, 1e400, ...) and words the error as it always has
+    # orjson reads an integer beyond 64 bits as the float of the same value: the same number everywhere
+    # except where the type matters, the event time (json.loads keeps it an int: a range error, not schema).
+    if type(obj) is dict and type(obj.get("ts")) is float:
+        obj = _MISSING
+    try:
+        if obj is _MISSING:
+            obj = json.loads(payload.decode("utf-8"))
     except UnicodeDecodeError as ex:
         detail = f"payload is not UTF-8: {ex.reason} at byte {ex.start}"
         raise _Rejected(DeadLetterReason.UNDECODABLE, detail) from None
@@ -286,37 +300,3 @@ def decode_batch(payloads: Sequence[bytes | None], keys: Sequence[bytes | None] 
         index_arr, ts_arr, values32 = index_arr[finite], ts_arr[finite], values32[finite]
     return DecodedBatch(index=index_arr, device_ids=device_ids, ts_ms=ts_arr,
                         values=np.ascontiguousarray(values32), channels=channels, rejects=rejects)
-
-
-def _json_default(obj: object) -> object:
-    model_dump = getattr(obj, "model_dump", None)  # pydantic models (the output records)
-    if callable(model_dump):
-        return model_dump(mode="json")
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    msg = f"{type(obj).__name__} is not JSON serialisable"
-    raise TypeError(msg)
-
-
-def encode_json(obj: object) -> bytes:
-    """Compact UTF-8 JSON for an output record; NaN/Infinity raise :class:`EncodeError`.
-
-    Pydantic models, numpy scalars and arrays are converted.
-
-    >>> encode_json({"device_id": "a", "score": np.float32(0.5), "forecast": np.array([1.0, 2.0])})
-    b'{"device_id":"a","score":0.5,"forecast":[1.0,2.0]}'
-    >>> try:
-    ...     encode_json({"score": float("nan")})
-    ... except EncodeError as ex:
-    ...     print(type(ex).__name__, "-", ex.__cause__.__class__.__name__)
-    EncodeError - ValueError
-    """
-    try:
-        text = json.dumps(obj, separators=(",", ":"), allow_nan=False, ensure_ascii=False,
-                          default=_json_default)
-        return text.encode("utf-8")
-    except (TypeError, ValueError) as ex:  # UnicodeEncodeError (lone surrogate) is a ValueError
-        msg = f"cannot encode record as JSON: {ex}"
-        raise EncodeError(msg) from ex

@@ -11,11 +11,12 @@ Units: ``ts`` epoch milliseconds on the wire and in records.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from operators.state_store import DeviceStateStore
 from pipeline.codec import DecodeLimits, decode_batch, encode_json
 from pipeline.dlq import DeadLetter, Headers
 from pipeline.errors import EncodeError, PipelineError
-from pipeline.records import SourceCoords, alert_records, prediction_records
+from pipeline.records import SourceCoords, alert_records, encode_predictions, prediction_records
 from pipeline.schemas import DeadLetterReason
 
 TopicPart = tuple[str, int]  # (topic, partition) of an input partition
@@ -49,9 +50,11 @@ class OutputTopics:
     dlq: str
 
 
-@dataclass(frozen=True)
-class OutRecord:
-    """One record to produce: ``Producer.produce(topic, key=, value=, headers=[, partition=])``."""
+class OutRecord(NamedTuple):
+    """One record to produce: ``Producer.produce(topic, key=, value=, headers=[, partition=])``.
+
+    A NamedTuple, not a frozen dataclass: built once per output record (1.3 us less each, measured).
+    """
 
     topic: str
     key: bytes | None
@@ -73,6 +76,20 @@ class BatchOutput:
     device_partitions: dict[str, TopicPart] = field(default_factory=dict)  # device -> where it was read
     late: int = 0  # readings older than their device's last applied one (dropped or applied per policy)
     event_ts_ms: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # of the predictions out
+
+
+def tune_gc() -> None:
+    """Call once before the consume loop: hide the start-up heap from the cyclic garbage collector.
+
+    Every batch allocates tens of thousands of short-lived objects (records, tuples, bytes), which trigger
+    collections; an older-generation collection then walks every object alive, most of them torch's and
+    the clients' start-up objects.  ``gc.freeze()`` moves those to a generation that is never scanned, and a
+    larger young-generation threshold makes young collections rarer.  Measured on the worker's changelog
+    step: 34 -> 14 us per device record (``gc.disable()``: 11).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 20, 20)
 
 
 def coords(message: MessageLike) -> SourceCoords:
@@ -140,7 +157,8 @@ class StateUndo:
 
     def take(self, device_ids: Sequence[str]) -> None:
         self.seen = list(dict.fromkeys(device_ids))
-        self.known = [d for d in self.seen if d in self.store]
+        rows = self.store.lookup(self.seen)  # one vectorised lookup, not one ``in`` per device
+        self.known = [d for d, r in zip(self.seen, rows.tolist(), strict=True) if r >= 0]
         self.before = self.store.snapshot(self.known)
 
     def apply(self) -> None:
@@ -164,8 +182,12 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
     ``before_process`` sees the decoded device ids just before (to snapshot them: :class:`StateUndo`).
     Raises only on bugs (no coordinates, an operator error on accepted input): then do not commit.
     """
-    out = BatchOutput(consumed=len(messages), commits=offsets_to_commit(messages))
     src = [coords(m) for m in messages]
+    commits: dict[TopicPart, int] = {}
+    for topic, partition, offset in src:  # offsets rise within a partition, but a batch may interleave them
+        if offset >= commits.get((topic, partition), 0):
+            commits[(topic, partition)] = offset + 1
+    out = BatchOutput(consumed=len(messages), commits=commits)
 
     def letter(i: int, reason: DeadLetterReason | str, detail: str) -> None:
         m = messages[i]
@@ -183,14 +205,24 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
         before_process(decoded.device_ids)
     result = operator.process(decoded.device_ids, decoded.ts_ms, decoded.values)
     row_src, published = [src[i] for i in rows], list[int]()
-    for k, rec in prediction_records(decoded.device_ids, result, operator.model_version, row_src):
-        try:
-            value = encode_json(rec)
-        except EncodeError as ex:  # a finite reading whose forecast overflowed: dead-letter it, keep going
-            letter(rows[k], DeadLetterReason.NON_FINITE, f"prediction is not finite: {ex}")
+    keys = {d: d.encode("utf-8") for d in decoded.device_ids}  # once per device, not per event
+    predictions, append, ids = topics.predictions, out.records.append, decoded.device_ids
+    slow: list[int] = []
+    for k, value in encode_predictions(ids, result, operator.model_version, row_src):
+        if value is None:
+            slow.append(k)
             continue
-        out.records.append(OutRecord(topics.predictions, rec["device_id"].encode("utf-8"), value))
+        append(OutRecord(predictions, keys[ids[k]], value))
         published.append(k)
+    if slow:  # not finite (an overflowed forecast): the checking encoder says why, the reading is dead-lettered
+        records = dict(prediction_records(ids, result, operator.model_version, row_src))
+        for k in slow:
+            try:
+                append(OutRecord(predictions, keys[ids[k]], encode_json(records[k])))
+                published.append(k)
+            except EncodeError as ex:
+                letter(rows[k], DeadLetterReason.NON_FINITE, f"prediction is not finite: {ex}")
+        published.sort()
     out.predictions, out.event_ts_ms = len(published), result.ts_ms[published]
     out.late = int(np.isin(result.status, (EventStatus.LATE_DROPPED, EventStatus.LATE_ACCEPTED)).sum())
     for _, rec in alert_records(result, operator.model_version, row_src, decoded.channels):

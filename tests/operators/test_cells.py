@@ -386,3 +386,23 @@ def test_liquid_small_steps_match_rk4_reference() -> None:
             v = cell(x, v, dt / n)
         moved = (ref - h).abs().amax(1, keepdim=True)
         assert ((v - ref).abs() / moved).max().item() < 1e-3
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"backbone_activation": "silu"}, {"backbone_layers": 2},
+                                    {"backbone_layers": 0}, {"backbone_dropout": 0.3}])
+def test_cfc_serving_path_matches_autograd_path(kwargs: dict[str, Any], device: str) -> None:
+    """``CfCCell`` serves (eval, no autograd) through a fused path; it must compute the same function."""
+    torch.manual_seed(3)
+    cell = CfCCell(input_size=3, hidden_size=5, backbone_units=7, **kwargs).to(device).eval()
+    with torch.no_grad():
+        for p in cell.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # away from the init's symmetries
+    x, h = torch.randn(9, 3, device=device), torch.randn(9, 5, device=device)
+    dt = torch.tensor([0.0, 1e-3, 0.1, 0.5, 1.0, 3.0, 60.0, 1e4, -1.0], device=device)
+    with torch.enable_grad():
+        reference = cell(x, h, dt)  # autograd enabled: the plain formula
+    assert reference.requires_grad
+    with torch.no_grad():
+        served = cell(x, h, dt)
+    assert not served.requires_grad
+    assert_close(served, reference.detach(), rtol=1e-5, atol=1e-6)

@@ -20,7 +20,7 @@ import torch
 
 from operators.errors import StateFormatError
 from operators.state_codec import FORMAT_VERSION, MAGIC, encode_snapshot
-from operators.state_store import DeviceStateStore
+from operators.state_store import GROWTH, DeviceStateStore
 
 CUDA = torch.cuda.is_available()
 StoreFactory = Callable[..., DeviceStateStore]
@@ -160,7 +160,7 @@ def test_empty_snapshot(make_store: StoreFactory) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ growth
-def test_growth_by_doubling_keeps_rows(make_store: StoreFactory) -> None:
+def test_growth_keeps_rows(make_store: StoreFactory) -> None:
     store = make_store(4, 3, initial_capacity=2)
     first = ["a", "b"]
     fill_random(store, first, seed=6)
@@ -171,7 +171,10 @@ def test_growth_by_doubling_keeps_rows(make_store: StoreFactory) -> None:
         store.rows_for([f"n{i}"])
         if store.capacity != capacities[-1]:
             capacities.append(store.capacity)
-    assert capacities == [2, 4, 8, 16, 32]
+    # geometric growth (amortised O(1) copies) that never holds much more than it needs
+    assert capacities[0] == 2 and capacities[-1] >= 32
+    for small, big in zip(capacities, capacities[1:], strict=False):
+        assert small * GROWTH <= big <= small * GROWTH + 1, capacities
     assert store.lookup(first).tolist() == rows_before
     for d in first:
         assert_same_fields(kept[d], row_fields(store, d), f"{d} after growth")
@@ -223,7 +226,7 @@ def test_memory_bounded_under_churn(make_store: StoreFactory) -> None:
         caps.append(store.capacity)
         sizes.append(store.nbytes())
     assert len(store) == 0
-    assert caps[0] == 128 and set(caps) == {128}, caps
+    assert 100 <= caps[0] < 200 and set(caps) == {caps[0]}, caps  # freed rows reused, no growth
     assert len(set(sizes)) == 1
 
 
@@ -358,8 +361,8 @@ def test_bytes_per_device_at_100k(make_store: StoreFactory) -> None:
     store.rows_for([f"d{i}" for i in range(n)])
     assert len(store) == n
     nbytes = store.nbytes()
-    held = sum(t.untyped_storage().nbytes() for t in store.tensors.values()) + sum(
-        a.nbytes for a in store.host.values())
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in store.tensors.values()}
+    held = sum(storages.values()) + sum(a.nbytes for a in store.host.values())  # fields share per-dtype blocks
     assert nbytes == held, "nbytes() must report what the arrays really hold"
     raw = raw_row_bytes(h, c)
     per_device = nbytes / n

@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
-from operators import Forecaster, LiquidOperator, OperatorSettings
-from pipeline import codec
+from operators import Forecaster, LiquidOperator, OperatorSettings, StepResult
 from pipeline.changelog import PROGRESS_KEY, Restored, StateLayout
 from pipeline.cli import _settings
 from pipeline.cli_kafka import full_parser
 from pipeline.codec import DecodeLimits, decode_batch
 from pipeline.dlq import parse_dead_letter_headers
-from pipeline.errors import ConfigurationError, EncodeError, KafkaDeliveryError, PipelineError
+from pipeline.errors import ConfigurationError, KafkaDeliveryError, PipelineError
 from pipeline.kafka_io import KafkaWorker
 from pipeline.metrics import OpsServer
+from pipeline.records import encode_predictions, prediction_records
 from pipeline.settings import Settings
 from pipeline.simulate_kafka import (
     FAULT_HEADER,
@@ -130,20 +130,43 @@ def test_alerts_are_keyed_by_device_and_carry_their_source() -> None:
     assert all(r.key == b"s" for r in _by_topic(out)["alerts"])
 
 
-def test_unencodable_prediction_becomes_a_dead_letter(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = codec.encode_json
+class _OverflowingOperator(LiquidOperator):
+    """Serves the real results, except that device "bad"'s forecast overflows float32 (inf)."""
 
-    def flaky(obj: object) -> bytes:
-        if isinstance(obj, dict) and obj.get("device_id") == "bad":
-            msg = "cannot encode record as JSON: Out of range float values are not JSON compliant"
-            raise EncodeError(msg)
-        return real(obj)
+    def process(self, device_ids: Any, ts_ms: np.ndarray, values: np.ndarray) -> StepResult:
+        res = super().process(device_ids, ts_ms, values)
+        res.forecast[[i for i, d in enumerate(device_ids) if d == "bad"]] = np.inf
+        return res
 
-    monkeypatch.setattr("pipeline.worker.encode_json", flaky)
-    out = handle_batch([_msg(0, 0, b"bad", _reading("bad", NOW_MS)), _msg(0, 1, b"ok", _reading("ok", NOW_MS))],
-                       _operator(), TOPICS, LIMITS, NOW_MS)
+
+def test_unencodable_prediction_becomes_a_dead_letter() -> None:
+    op = _OverflowingOperator(Forecaster(n_channels=2, hidden_size=4, cell="cfc"), OperatorSettings())
+    out = handle_batch([_msg(0, 0, b"bad", _reading("bad", NOW_MS)), _msg(0, 1, b"ok", _reading("ok", NOW_MS + 1))],
+                       op, TOPICS, LIMITS, NOW_MS)
     assert out.predictions == 1 and out.dead_letters == Counter({"non_finite": 1})
-    assert out.event_ts_ms.tolist() == [NOW_MS]  # no latency observed for the dead-lettered one
+    assert out.event_ts_ms.tolist() == [NOW_MS + 1]  # no latency observed for the dead-lettered one
+    letters = _by_topic(out)["dlq"]
+    assert len(letters) == 1 and letters[0].key == b"bad"
+    assert "prediction is not finite" in dict(letters[0].headers or [])["ls.error.reason"].decode()
+
+
+def test_columnar_prediction_bytes_equal_the_records() -> None:
+    """The worker's byte template and the dict records (replay, demo, faust) say the same, every field."""
+    op = LiquidOperator(Forecaster(n_channels=2, hidden_size=4, cell="cfc"),
+                        OperatorSettings(warmup_events=2, max_gap_s=5.0), model_version="v-é")
+    ids = ["a", "b", "a", "a", "a", "ö-7", "a", "b"]
+    ts = np.array([1000, 1000, 2000, 2000, 1500, 3000, 60_000, 900])  # first, dup, late, long gap, ...
+    vals = np.arange(16, dtype=np.float32).reshape(8, 2) / 7
+    res = op.process(ids, ts, vals)
+    sources = [("readings", i % 3, 100 + i) for i in range(8)]
+    for src in (None, sources):
+        want = prediction_records(ids, res, "v-é", src)
+        got = encode_predictions(ids, res, "v-é", src)
+        assert [i for i, _ in got] == [i for i, _ in want] and len(want) >= 5
+        for (_, value), (_, rec) in zip(got, want, strict=True):
+            assert value is not None and json.loads(value) == rec
+    statuses = {rec["status"] for _, rec in prediction_records(ids, res, "v-é")}
+    assert {"first", "ok+long_gap"} <= statuses and any(rec["score"] is None for _, rec in want)
 
 
 def test_offsets_to_commit_is_last_offset_plus_one_per_partition() -> None:
