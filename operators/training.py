@@ -79,29 +79,55 @@ def initial_state(model: Forecaster, batch: int, device: torch.device) -> State:
             torch.zeros(batch, device=device))
 
 
-def rollout_loss(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, state: State,
-                 stats_alpha: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
-    """Sum of Gaussian NLL and squared error (normalised units) over a window, and the term count."""
+def rollout_terms(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, state: State,
+                  stats_alpha: float, learn: torch.Tensor | None = None, frozen: torch.Tensor | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
+    """Per-row sums [B] of Gaussian NLL and squared error (normalised units) over a window, and term counts.
+
+    ``mask`` [B, T] says which steps hold a reading (False on padding: the step is skipped entirely).
+    ``learn`` [B, T] (default: ``mask``): readings that add a loss term; the others are still folded into
+    the hidden state, as the operator serves them.  ``frozen`` [B, T] (default: none): readings that leave
+    the running statistics unchanged, as the operator freezes them inside an alert (a device's first reading
+    always initialises them).
+
+    >>> model = Forecaster(n_channels=1, hidden_size=4, cell="liquid")
+    >>> v, d = torch.randn(2, 12, 1), torch.ones(2, 12)
+    >>> m = torch.ones(2, 12, dtype=torch.bool)
+    >>> nll, se, terms, _ = rollout_terms(model, v, d, m, initial_state(model, 2, torch.device("cpu")), 0.01)
+    >>> terms.tolist()  # 12 readings each, the first MIN_HISTORY only warm the statistics up
+    [2.0, 2.0]
+    """
     h, x_last, mean, var, count = state
-    nll_sum = values.new_zeros(())
-    se_sum = values.new_zeros(())
-    terms = values.new_zeros(())
+    learn = mask if learn is None else learn & mask
+    nll_rows = values.new_zeros(values.shape[0])
+    se_rows = values.new_zeros(values.shape[0])
+    terms = values.new_zeros(values.shape[0])
     for t in range(values.shape[1]):
-        x, d, m = values[:, t], dt[:, t], mask[:, t]
+        x, d, m, lrn = values[:, t], dt[:, t], mask[:, t], learn[:, t]
         mu, sd = model.forecast(h, normalise(x_last, mean, var), d)
-        use = (m & (count >= MIN_HISTORY)).to(values.dtype)
+        use = (lrn & (count >= MIN_HISTORY)).to(values.dtype)
         target = normalise(x, mean, var)
-        nll_sum = nll_sum + (gaussian_nll(target, mu, sd).mean(1) * use).sum()
-        se_sum = se_sum + (((target - mu) ** 2).mean(1) * use).sum()
-        terms = terms + use.sum()
+        # float32 sums even when autocast made the head run in bf16
+        nll_rows = nll_rows + gaussian_nll(target, mu.float(), sd.float()).mean(1) * use
+        se_rows = se_rows + ((target - mu.float()) ** 2).mean(1) * use
+        terms = terms + use
         with torch.no_grad():
             new_mean, new_var = update_stats(mean, var, count, x, stats_alpha)
-            keep = m.unsqueeze(1)
-            mean, var = torch.where(keep, new_mean, mean), torch.where(keep, new_var, var)
-        h = torch.where(keep, model.advance(h, normalise(x, mean, var), d), h)
+            upd = m if frozen is None else m & (~frozen[:, t] | (count == 0))
+            mean, var = torch.where(upd.unsqueeze(1), new_mean, mean), torch.where(upd.unsqueeze(1), new_var, var)
+        keep = m.unsqueeze(1)
+        h = torch.where(keep, model.advance(h, normalise(x, mean, var), d).to(h.dtype), h)
         x_last = torch.where(keep, x, x_last)
         count = count + m.to(count.dtype)
-    return nll_sum, se_sum, terms, (h, x_last, mean, var, count)
+    return nll_rows, se_rows, terms, (h, x_last, mean, var, count)
+
+
+def rollout_loss(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, state: State,
+                 stats_alpha: float, learn: torch.Tensor | None = None, frozen: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
+    """Sum of Gaussian NLL and squared error (normalised units) over a window, and the term count."""
+    nll, se, terms, new_state = rollout_terms(model, values, dt, mask, state, stats_alpha, learn, frozen)
+    return nll.sum(), se.sum(), terms.sum(), new_state
 
 
 class Trainer:
@@ -116,19 +142,30 @@ class Trainer:
 
     def __init__(self, model: Forecaster, *, lr: float = 3e-3, window: int = 64, batch_devices: int = 256,
                  stats_alpha: float = 0.005, grad_clip: float = 1.0, device: str | torch.device = "cpu",
-                 seed: int = 0) -> None:
+                 seed: int = 0, amp: bool = False) -> None:
         self.model = model.to(device)
         self.lr, self.window, self.batch_devices = lr, window, batch_devices
         self.stats_alpha, self.grad_clip = stats_alpha, grad_clip
         self.device = torch.device(device)
+        #: bf16 autocast of the forward pass, on CUDA only (bf16 keeps fp32's exponent range, so no loss
+        #: scaling is needed); the CPU always trains in fp32.
+        self.amp = bool(amp) and self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.generator = torch.Generator().manual_seed(seed)
 
     def train_step(self, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor,
-                   state: State) -> tuple[float, State]:
-        """One optimiser step on one window; returns the mean NLL and the detached carried state."""
+                   state: State, learn: torch.Tensor | None = None,
+                   frozen: torch.Tensor | None = None) -> tuple[float, State]:
+        """One optimiser step on one window; returns the mean NLL and the detached carried state.
+
+        The one training step of the project: ``liquidstream train`` (offline, via :meth:`fit`) and the
+        online learner (:mod:`operators.online`) both call it.  ``learn`` and ``frozen`` are as in
+        :func:`rollout_terms`.
+        """
         self.model.train()
-        nll, _, terms, new_state = rollout_loss(self.model, values, dt, mask, state, self.stats_alpha)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
+            nll, _, terms, new_state = rollout_loss(self.model, values, dt, mask, state, self.stats_alpha, learn,
+                                                    frozen)
         loss = nll / torch.clamp(terms, min=1.0)
         self.optimizer.zero_grad(set_to_none=True)
         if terms.item() > 0:
@@ -136,7 +173,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
             self.optimizer.step()
         self.model.eval()
-        detached: State = tuple(s.detach() for s in new_state)  # type: ignore[assignment]
+        # float32 again: under autocast the hidden state may come back in bf16
+        detached: State = tuple(s.detach().float() for s in new_state)  # type: ignore[assignment]
         return float(loss.item()), detached
 
     def fit(self, seqs: Sequences, epochs: int, progress: Callable[[int, int, float], None] | None = None,
