@@ -1,4 +1,5 @@
-"""The Kafka sub-commands of ``liquidstream``: ``run`` (the stream worker), ``simulate`` (a fleet producer).
+"""The Kafka sub-commands of ``liquidstream``: ``run`` (the stream worker), ``simulate`` (a fleet producer),
+``train-worker`` (online fine-tuning, in :mod:`pipeline.cli_train`).
 
 Registered through :data:`COMMANDS` (``pipeline.cli`` imports it).  Flags whose destination is a
 :class:`~pipeline.settings.Settings` field (``--bootstrap``, ``--input-topic``, ``--group-id``, ``--model``,
@@ -175,10 +176,17 @@ def _cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def register_train_worker(sub: Any) -> Handler:
+    from pipeline.cli_train import register  # its own module; imported late (it uses this module's helpers)
+
+    return register(sub)
+
+
 #: ``(name, register)`` pairs; ``register(subparsers)`` adds the sub-command and returns its handler.
 COMMANDS: list[tuple[str, Callable[[Any], Handler]]] = [
     ("run", register_run),
     ("simulate", register_simulate),
+    ("train-worker", register_train_worker),
 ]
 
 

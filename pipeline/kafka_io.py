@@ -10,6 +10,11 @@ partitions' devices from the changelog (:attr:`KafkaWorker.ready` False meanwhil
 devices are dropped after their last commit (each batch commits before the next ``consume``): see
 :mod:`pipeline.rebalance`.  Metrics, liveness and readiness go through :class:`~pipeline.worker_ops.WorkerOps`,
 served over HTTP on ``metrics_port`` when ``serve_ops`` (``liquidstream run``; not unit tests' fake clients).
+
+Model updates (when ``settings.follows_model_updates``): a :class:`~pipeline.model_updates.ModelFollower` is
+polled at the top of every loop turn, i.e. after the previous batch committed (or aborted and rewound) and
+before the next ``consume``: a verified update swaps the operator's model there, never inside a batch or an
+open transaction, and every prediction records the version that made it.  Device state is kept across a swap.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pipeline import transactions as tx
 from pipeline import worker as step
 from pipeline.codec import DecodeLimits
 from pipeline.errors import PipelineError
+from pipeline.model_updates import ModelFollower
 from pipeline.rebalance import RESTORE_TIMEOUT_S, Rebalancing
 from pipeline.settings import Settings
 from pipeline.worker import StateUndo, TopicPart
@@ -45,9 +51,10 @@ class KafkaWorker(Rebalancing):
 
     def __init__(self, settings: Settings, operator: LiquidOperator, *, worker_id: str,
                  consumer: Consumer | None = None, producer: Producer | None = None, serve_ops: bool = False,
-                 ops: WorkerOps | None = None) -> None:
-        """``consumer``/``producer`` replace the clients built from ``settings`` (tests); ``serve_ops``: serve
-        ``/metrics``, ``/healthz``, ``/readyz`` on ``settings.metrics_port`` while :meth:`run` runs."""
+                 ops: WorkerOps | None = None, updates: ModelFollower | None = None) -> None:
+        """``consumer``/``producer``/``updates`` replace the clients built from ``settings`` (tests);
+        ``serve_ops``: serve ``/metrics``, ``/healthz``, ``/readyz`` on ``settings.metrics_port`` while
+        :meth:`run` runs."""
         self.settings, self.operator, self.worker_id = settings, operator, worker_id
         self.ops, self.serve_ops = ops or WorkerOps(settings), serve_ops
         self.eos = settings.guarantee == "exactly_once"
@@ -68,6 +75,8 @@ class KafkaWorker(Rebalancing):
         self._last_activity = self._last_stats = time.monotonic()
         self._warned: dict[int, float] = {}
         self._joined, self._aborts_in_row = False, 0
+        self.updates = updates if updates is not None or not settings.follows_model_updates else \
+            ModelFollower(settings, self.ops.metrics)
 
     def stop(self, signum: int | None = None, _frame: object = None) -> None:
         """Signal handler: finish the current batch, commit it, close, exit 0."""
@@ -81,14 +90,19 @@ class KafkaWorker(Rebalancing):
             if self.serve_ops:
                 self.ops.start(s.metrics_port, worker_ready=lambda: self.ready)
             partitions = self.ensure_changelog()
+            if self.updates is not None:
+                self.updates.start()
             self.committer.start()
             self.consumer.subscribe([s.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
                                     on_lost=self._on_lost)
+            step.tune_gc()  # start-up objects out of the collector's sight (issue #6)
             log.info("worker %s consuming %s (%d partitions) as group %s, %s, changelog %s, batches <= %d / %d ms",
                      self.worker_id, s.input_topic, partitions, s.group_id, s.guarantee, s.changelog,
                      s.batch_max_messages, s.batch_max_ms)
             while self._stop_reason is None:
                 self.ops.beat()
+                if self.updates is not None:
+                    self._follow_updates(self.updates)  # between batches: the last one committed or rewound
                 batch = []  # so that an error in consume() is not reported against the previous batch
                 batch = self._data(self.consumer.consume(num_messages=s.batch_max_messages,
                                                          timeout=s.batch_max_ms / 1000.0))
@@ -179,6 +193,12 @@ class KafkaWorker(Rebalancing):
             if (t, p) in self._assigned:
                 self.consumer.seek(TopicPartition(t, p, o))
 
+    def _follow_updates(self, updates: ModelFollower) -> None:
+        update = updates.poll(self.operator.model)
+        if update is not None:
+            self.operator.swap_model(update.model, update.version)
+            self.ops.set_model_version(update.version)
+
     # ------------------------------------------------------------------ housekeeping
     def _close(self, code: int) -> None:
         log.info("shutting down (%s)", self._stop_reason or f"exit code {code}")
@@ -192,7 +212,11 @@ class KafkaWorker(Rebalancing):
         if self._restorer is not None:
             self._restorer.close()
         final = self.stats.as_dict() | {"final": True, "exit_code": code, "worker": self.worker_id,
-                                        "guarantee": self.settings.guarantee}
+                                        "guarantee": self.settings.guarantee,
+                                        "model_version": self.operator.model_version}
+        if self.updates is not None:
+            self.updates.close()
+            final["model_updates"] = self.updates.stats()
         log.info("final stats %s", json.dumps(final))
         print(json.dumps(final), flush=True)  # stdout: one JSON line, for scripts and tests
         self.ops.stop()  # after the last batch's metrics: scrapeable until the clients are closed

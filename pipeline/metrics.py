@@ -3,10 +3,11 @@ endpoint serving them with liveness and readiness on one port (``metrics_port``,
 
 The worker loop updates the metrics through a few verbs (:meth:`Metrics.observe_batch` once per batch,
 :meth:`Metrics.set_lag`, :meth:`Metrics.set_devices`, :meth:`Metrics.set_restore_progress` on change,
-:meth:`Metrics.set_model_version` at start-up).  Times are **seconds** on the wire (Prometheus convention)
-although event times arrive as epoch milliseconds.  :class:`OpsServer` serves ``GET /metrics`` (Prometheus
-text), ``/healthz`` (200 while :class:`~pipeline.health.Health` beats, else 503) and ``/readyz`` (200 when the
-``ready`` check passes, else 503 with a JSON ``reason``).
+:meth:`Metrics.set_model_version` at start-up and on every model swap, :meth:`Metrics.model_update` per
+model-update record, :meth:`Metrics.trainer_decision` per trainer candidate).  Times are **seconds** on
+the wire (Prometheus convention) although event times arrive as epoch milliseconds.  :class:`OpsServer`
+serves ``GET /metrics`` (Prometheus text), ``/healthz`` (200 while :class:`~pipeline.health.Health` beats,
+else 503) and ``/readyz`` (200 when the ``ready`` check passes, else 503 with a JSON ``reason``).
 
 >>> m = Metrics()
 >>> m.observe_batch(events=3, predictions=2, alerts=1, dead_letters_by_reason={"late": 1}, late=1,
@@ -108,6 +109,17 @@ class Metrics:
                                    ["version"], registry=r)
         self.restore_progress = Gauge(f"{p}restore_progress", "Fraction 0..1 of the assigned partitions' "
                                       "device state restored from the changelog (1 = serving)", registry=r)
+        # Model updates (pipeline.model_updates): what serving workers adopted or rejected, and why; what the
+        # trainer decided about each candidate.  Reasons are fixed enums: the label sets stay small.
+        self.model_updates = Counter(f"{p}model_updates", "Model-update records a serving worker handled, by result "
+                                     "(adopted, rejected) and reason (ok, or why it was rejected: unsigned, "
+                                     "bad_signature, stale, tampered, incompatible, malformed, no_key ...)",
+                                     ["result", "reason"], registry=r)
+        self.trainer_candidates = Counter(f"{p}trainer_candidates", "Candidate models the trainer evaluated, by "
+                                          "decision reason (accepted, rollback, no_improvement ...)", ["reason"],
+                                          registry=r)
+        self.trainer_buffer_windows = Gauge(f"{p}trainer_buffer_windows", "Windows in the trainer's replay buffer",
+                                            registry=r)
         self._version: str | None = None
         self._lock = threading.Lock()
 
@@ -152,6 +164,15 @@ class Metrics:
                 self.model_version.remove(self._version)
             self._version = version
             self.model_version.labels(version).set(1)
+
+    def model_update(self, result: str, reason: str) -> None:
+        """Count one model-update record a serving worker adopted (reason ``ok``) or rejected."""
+        self.model_updates.labels(result, reason).inc()
+
+    def trainer_decision(self, reason: str, buffer_windows: int) -> None:
+        """Count one candidate decision of the trainer and record its replay-buffer size."""
+        self.trainer_candidates.labels(reason).inc()
+        self.trainer_buffer_windows.set(buffer_windows)
 
     def set_restore_progress(self, fraction: float) -> None:
         self.restore_progress.set(min(max(fraction, 0.0), 1.0))

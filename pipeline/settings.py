@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from operators.config import OperatorSettings
+from operators.online_config import OnlineSettings
 
 #: Event times before this are absurd for a live sensor (2000-01-01T00:00:00Z, epoch milliseconds).
 DEFAULT_TS_MIN_MS = 946_684_800_000
@@ -73,6 +74,22 @@ class Settings(BaseSettings):
     #: OpenMP spin: measured 10x slower per batch with 2 threads than with 1 on a busy 2-core box.
     torch_threads: int = Field(default=0, ge=0)
 
+    # --- online fine-tuning (`liquidstream train-worker`) and signed model updates -------------------------
+    #: Compacted topic of signed model updates (key = lineage); one partition keeps a lineage's records ordered.
+    model_updates_topic: str = "model-updates"
+    #: The model lineage published and followed (the record key: compaction keeps its latest update).
+    model_lineage: str = Field(default="forecaster", min_length=1)
+    #: HMAC-SHA256 key signing model updates (>= 16 bytes).  Without it nothing is published or adopted.
+    model_signing_key: SecretStr | None = None
+    #: Whether ``run`` swaps in verified updates from ``model_updates_topic``; None = when a key is set.
+    #: On without a key, every update is rejected (reason ``no_key``).
+    follow_model_updates: bool | None = None
+    #: Consumer group of the trainer on the input topic; default ``<group_id>-trainer``.
+    trainer_group_id: str | None = None
+    #: Seconds between two candidate trainings of the trainer (and between its offset commits).
+    trainer_interval_s: float = Field(default=60.0, gt=0)
+    online: OnlineSettings = Field(default_factory=lambda: OnlineSettings.model_validate({}))
+
     # --- operations -------------------------------------------------------------------------------------
     metrics_port: int = Field(default=9108, ge=0, le=65535)
     log_format: Literal["json", "human"] = "human"
@@ -99,6 +116,18 @@ class Settings(BaseSettings):
     def changelog(self) -> str:
         """The state changelog topic actually used."""
         return self.changelog_topic or f"{self.group_id}-state-changelog"
+
+    @property
+    def trainer_group(self) -> str:
+        """The trainer's consumer group actually used."""
+        return self.trainer_group_id or f"{self.group_id}-trainer"
+
+    @property
+    def follows_model_updates(self) -> bool:
+        """Whether a serving worker follows ``model_updates_topic``."""
+        if self.follow_model_updates is None:
+            return self.model_signing_key is not None
+        return self.follow_model_updates
 
     def configure_torch(self) -> None:
         """Apply process-wide PyTorch settings (CPU threads); call once at start-up."""

@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
 DASHBOARD = ROOT / "deploy" / "grafana" / "liquidstream.json"
 #: Environment names the manifests set ahead of the code, each documented in secret.yaml / docs.
-FUTURE_ENV = {"LIQUIDSTREAM_MODEL_SIGNING_KEY"}
+FUTURE_ENV: set[str] = set()
 #: Sub-commands the manifests run ahead of the CLI, each documented in trainer.yaml.
-FUTURE_COMMANDS = {"train-worker"}
+FUTURE_COMMANDS: set[str] = set()
 PLACEHOLDER = "CHANGE-ME"
 
 
@@ -124,7 +124,8 @@ def test_config_and_secret_names_are_settings_fields(docs: dict[str, dict[str, A
         _check_env_name(name)
         assert isinstance(value, str), f"{name}: ConfigMap/Secret values must be strings"
     assert not [n for n in config if is_secret_key(n)], "secrets belong in the Secret"
-    assert set(secret) == {"LIQUIDSTREAM_SASL_USERNAME", "LIQUIDSTREAM_SASL_PASSWORD", *FUTURE_ENV}
+    assert set(secret) == {"LIQUIDSTREAM_SASL_USERNAME", "LIQUIDSTREAM_SASL_PASSWORD", "LIQUIDSTREAM_MODEL_SIGNING_KEY",
+                           *FUTURE_ENV}
     assert set(secret.values()) == {PLACEHOLDER}, "only placeholders are committed"
     settings = configured_settings(docs, monkeypatch)
     assert settings.security_protocol.startswith("SASL") and settings.sasl_mechanism == "SCRAM-SHA-512"
@@ -209,7 +210,7 @@ def test_worker_serves_metrics_and_probes_on_metrics_port(docs: dict[str, dict[s
 
 def test_trainer_requests_one_gpu(docs: dict[str, dict[str, Any]]) -> None:
     c = container(by_kind(docs, "Deployment", "liquidstream-trainer"))
-    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["args"][0] in FUTURE_COMMANDS
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1 and c["args"] == ["train-worker"]
     assert {e["name"]: e["value"] for e in c["env"]}["LIQUIDSTREAM_DEVICE"] == "cuda"
 
 

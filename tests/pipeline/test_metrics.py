@@ -26,7 +26,8 @@ EXPECTED_FAMILIES = {
     "liquidstream_late_events": "counter", "liquidstream_batch_seconds": "histogram",
     "liquidstream_end_to_end_latency_seconds": "histogram", "liquidstream_consumer_lag": "gauge",
     "liquidstream_devices": "gauge", "liquidstream_model_version": "gauge",
-    "liquidstream_restore_progress": "gauge",
+    "liquidstream_restore_progress": "gauge", "liquidstream_model_updates": "counter",
+    "liquidstream_trainer_candidates": "counter", "liquidstream_trainer_buffer_windows": "gauge",
 }
 
 
