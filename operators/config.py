@@ -67,6 +67,17 @@ class OperatorSettings:
     #: Smoothing factor of the per-device running statistics (normalisation, score, calibration), per
     #: reading: about 1/alpha readings of memory, which should span a few periods of the slowest rhythm.
     stats_alpha: float = 0.005
+    #: A fixed reference (0 = off): after a device's first ``reference_events`` readings its normalisation
+    #: scale (per-channel variance) stops learning, so a slow or long anomaly is measured against the spread
+    #: seen during commissioning instead of teaching the detector that it is normal.  With
+    #: ``reference_level`` the per-channel level (mean) freezes too; otherwise it keeps following slow drift
+    #: (at ``stats_alpha``, and never inside an alert).
+    reference_events: int = 0
+    reference_level: bool = False
+    #: Inside an alert, channels whose reading is still within ``hold_sigma`` of their level keep learning
+    #: (only the abnormal channels freeze), so a slowly drifting channel (a warming motor) cannot hold an
+    #: alert open after the incident ends.
+    learn_calm_channels: bool = False
     #: Devices with no event for this long (event time, seconds) are evicted by ``evict_idle``.
     state_ttl_s: float = 24 * 3600.0
     #: Channels named in an alert: the ``top_channels`` with the largest standardised residuals.
@@ -100,6 +111,9 @@ class OperatorSettings:
             if ivalue < 1:
                 msg = f"{name} must be >= 1, got {ivalue}"
                 raise ConfigError(msg)
+        if self.reference_events < 0:
+            msg = f"reference_events must be >= 0, got {self.reference_events}"
+            raise ConfigError(msg)
         if self.cooldown_s < 0:
             msg = f"cooldown_s must be >= 0, got {self.cooldown_s}"
             raise ConfigError(msg)

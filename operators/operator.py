@@ -18,7 +18,7 @@ import torch
 from operators.config import OperatorSettings
 from operators.errors import InputError
 from operators.forecaster import Forecaster
-from operators.normalization import normalise, scale, update_stats
+from operators.normalization import CLIP_Z, scale, update_stats
 from operators.result import Alert, StepResult
 from operators.scoring import AlertState, AnomalyScorer
 from operators.state_store import DeviceStateStore
@@ -35,6 +35,9 @@ _CALIB_MIN = 0.01
 _REASONS = ("forecast_deviation", "stuck_sensor", "sustained_deviation", "level_deviation")
 #: Horizon assumed for a device that has sent a single reading, seconds.
 _DEFAULT_GAP_S = 1.0
+#: Output block layout per applied event: ``_OUT_F`` per-channel float32 columns (forecast, std, z) and
+#: ``_OUT_S`` scalars (horizon seconds, score, threshold).
+_OUT_F, _OUT_S = 3, 3
 
 
 class LiquidOperator:
@@ -102,57 +105,69 @@ class LiquidOperator:
         host = self.store.host
         plan = plan_waves(rows, ts_ms, host["last_ts_ms"], host["count"], self.settings)
         m = plan.source.shape[0]
-        dev = self.device
-        x_all = torch.as_tensor(values[plan.source], device=dev)
-        ts_all = torch.as_tensor(ts_ms[plan.source], device=dev)
-        dt_all = torch.as_tensor(plan.dt_s, device=dev)
-        rows_all = torch.as_tensor(plan.rows, device=dev)
-        cnt_all = torch.as_tensor(plan.count_before, device=dev)
-        reset_all = torch.as_tensor(plan.reset, device=dev)
-        out_f = torch.empty(m, c, device=dev)
-        out_sd = torch.empty(m, c, device=dev)
-        out_h = torch.empty(m, device=dev)
-        out_score = torch.empty(m, device=dev)
-        out_thr = torch.empty(m, device=dev)
-        out_alert = torch.empty(m, dtype=torch.bool, device=dev)
-        out_open = torch.empty(m, dtype=torch.bool, device=dev)
-        out_reason = torch.empty(m, dtype=torch.int8, device=dev)
-        out_z = torch.empty(m, c, device=dev)
+        # Wave-ordered inputs as two blocks (one host-to-device copy each, pinned on CUDA): float32
+        # [M, C + 1] = values | dt (seconds); int64 [4, M] = store row | event time ms | count before | reset.
+        fl = np.empty((m, c + 1), np.float32)
+        np.take(values, plan.source, axis=0, out=fl[:, :c])
+        fl[:, c] = plan.dt_s
+        ints = np.empty((4, m), np.int64)
+        ints[0], ints[2], ints[3] = plan.rows, plan.count_before, plan.reset
+        np.take(ts_ms, plan.source, out=ints[1])
+        fl_t, ints_t = self._to_device(fl), self._to_device(ints)
+        out_f = torch.empty(m, _OUT_F * c + _OUT_S, device=self.device)  # forecast | std | z | horizon, score, thr
+        out_b = torch.empty(m, 3, dtype=torch.int8, device=self.device)  # in_alert | opened | reason
         for k in range(plan.n_waves):
-            sl = slice(int(plan.bounds[k]), int(plan.bounds[k + 1]))
-            self._wave(rows_all[sl], x_all[sl], ts_all[sl], dt_all[sl], cnt_all[sl], reset_all[sl],
-                       out_f[sl], out_sd[sl], out_h[sl], out_score[sl], out_thr[sl], out_alert[sl],
-                       out_open[sl], out_reason[sl], out_z[sl])
+            lo, hi = int(plan.bounds[k]), int(plan.bounds[k + 1])
+            self._wave(ints_t[0, lo:hi], fl_t[lo:hi, :c], ints_t[1, lo:hi], fl_t[lo:hi, c], ints_t[2, lo:hi],
+                       ints_t[3, lo:hi] != 0, out_f[lo:hi], out_b[lo:hi])
         # Device clocks and counters advance on the host, where the policies read them.
-        np.maximum.at(host["last_ts_ms"], plan.rows, ts_ms[plan.source])
+        np.maximum.at(host["last_ts_ms"], plan.rows, ints[1])
         np.add.at(host["count"], plan.rows, 1)
-        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, out_f, out_sd, out_h,
-                              out_score, out_thr, out_alert, out_open, out_reason, out_z)
+        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, out_f, out_b)
+
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(arr)
+        if self.device.type != "cuda":
+            return t
+        # Pinned staging copy, then an asynchronous host-to-device copy: torch's pinned-memory allocator keeps
+        # the staging buffer until the copy on the stream has run.
+        return t.pin_memory().to(self.device, non_blocking=True)
 
     def _wave(self, idx: torch.Tensor, x: torch.Tensor, ts: torch.Tensor, dt: torch.Tensor, cnt: torch.Tensor,
-              reset: torch.Tensor, o_f: torch.Tensor, o_sd: torch.Tensor, o_h: torch.Tensor,
-              o_score: torch.Tensor, o_thr: torch.Tensor, o_alert: torch.Tensor, o_open: torch.Tensor,
-              o_reason: torch.Tensor, o_z: torch.Tensor) -> None:
-        s, st, model = self.settings, self.store.tensors, self.model
+              reset: torch.Tensor, o_f: torch.Tensor, o_b: torch.Tensor) -> None:
+        """One reading for each of B distinct devices: ``idx`` store rows, ``x`` float32 [B, C] raw values,
+        ``ts`` int64 event time ms, ``dt`` float32 seconds since the previous applied reading, ``cnt`` readings
+        applied before; writes the outputs into ``o_f`` / ``o_b`` (layouts as in :meth:`process`)."""
+        s, store, model, c = self.settings, self.store, self.model, self.n_channels
+        rows = store.gather(idx)  # one copy per dtype block; fields below are column views of it
+
+        def f(name: str) -> torch.Tensor:
+            return store.field(rows, name)
+
         first = cnt == 0
-        h, x_last, mean, var = st["h"][idx], st["x_last"][idx], st["mean"][idx], st["var"][idx]
+        h, x_last, mean, var, calib = f("h"), f("x_last"), f("mean"), f("var"), f("calib")
         # 1. forecast this reading from the state before it, at the real gap, and score it
-        mu, sd = model.forecast(h, normalise(x_last, mean, var), dt)
-        x_z = (x - mean) / scale(mean, var)  # unclipped: the score must see how far out a reading is
+        sc = scale(mean, var)
+        mu, sd = model.forecast(h, torch.clamp((x_last - mean) / sc, -CLIP_Z, CLIP_Z), dt)
+        x_z = (x - mean) / sc  # unclipped: the score must see how far out a reading is
         # Per-device, per-channel calibration of the model's spread: a device the model finds harder (or
         # easier) than average gets its own scale, so one threshold policy fits every device.
-        calib = st["calib"][idx]
         score, z = self.scorer.score(x_z, mu, sd * torch.sqrt(calib))
-        score = torch.where(first, torch.full_like(score, float("nan")), score)
-        thr = self.scorer.threshold(st["score_mean"][idx], st["score_var"][idx])
-        stuck_run = torch.where((x == x_last) & ~first.unsqueeze(1), st["stuck"][idx] + 1, 0).to(torch.int16)
-        stuck = (stuck_run >= s.stuck_after).any(dim=1)
+        score = score.masked_fill(first, float("nan"))
+        score_mean, score_var = f("score_mean"), f("score_var")
+        thr = self.scorer.threshold(score_mean, score_var)
+        # Saturating: only ">= stuck_after" matters, and int16 must not wrap on a sensor stuck for hours.
+        stuck_run = torch.where((x == x_last) & ~first.unsqueeze(1), f("stuck").to(torch.int32) + 1, 0).clamp_(
+            max=min(s.stuck_after, 32767)).to(torch.int16)
+        stuck_ch = stuck_run >= s.stuck_after
+        stuck = stuck_ch.any(dim=1)
         # Sustained deviation: short running mean of squared calibrated residuals (about 1 when normal),
         # clamped so that one spike is left to the instantaneous score.  The statistics are meaningless
         # while the device's normalisation settles, so they start half-way through warm-up.
-        settled = cnt >= max(s.warmup_events // 2, 2)
+        settle_at = max(s.warmup_events // 2, 2)
+        settled = cnt >= settle_at
         z2 = torch.clamp((z * z).mean(dim=1), max=_Z2_CLAMP)
-        fast = st["z2_fast"][idx]
+        fast = f("z2_fast")
         fast = torch.where(settled, fast + s.sustained_alpha * (z2 - fast), fast)
         warm = cnt >= s.warmup_events
         sustained = warm & (fast > s.sustained_ratio)
@@ -160,81 +175,81 @@ class LiquidOperator:
         level_high = warm & (level > s.level_sigma)
         # 2. alert state machine
         alert = self.scorer.step(
-            AlertState(st["alert_open"][idx], st["alert_since_ms"][idx], st["cooldown_ms"][idx], st["calm"][idx]),
+            AlertState(f("alert_open"), f("alert_since_ms"), f("cooldown_ms"), f("calm")),
             score, thr, stuck | sustained | level_high, ts, warm=warm, hold=level > s.hold_sigma)
         learn = alert.learn.unsqueeze(1)
+        if s.learn_calm_channels:  # inside an alert, channels still near their level keep following slow drift
+            learn = learn | (x_z.abs() < s.hold_sigma)
         # 3. statistics learn only outside alerts (a first reading always initialises them)
         new_mean, new_var = update_stats(mean, var, cnt, x, s.stats_alpha)
+        if s.reference_events:  # a fixed reference: the scale (and with reference_level the level) stops learning
+            in_ref = (cnt < s.reference_events).unsqueeze(1)
+            new_var = torch.where(in_ref, new_var, var)
+            if s.reference_level:
+                new_mean = torch.where(in_ref, new_mean, mean)
         mean = torch.where(learn, new_mean, mean)
         var = torch.where(learn, new_var, var)
         # Winsorised at the threshold: a burst of outliers cannot drag the threshold up after itself.
         score_ok = alert.learn & settled
-        n_settled = (cnt - max(s.warmup_events // 2, 2) + 1).to(calib.dtype).clamp(min=1.0)
-        sm, sv = update_stats(st["score_mean"][idx].unsqueeze(1), st["score_var"][idx].unsqueeze(1),
-                              n_settled - 1, torch.minimum(score, thr).nan_to_num(0.0).unsqueeze(1),
-                              s.stats_alpha)
-        st["score_mean"][idx] = torch.where(score_ok, sm.squeeze(1), st["score_mean"][idx])
-        st["score_var"][idx] = torch.where(score_ok, sv.squeeze(1), st["score_var"][idx])
+        n_settled = (cnt - settle_at + 1).to(calib.dtype).clamp(min=1.0)
+        sm, sv = update_stats(score_mean.unsqueeze(1), score_var.unsqueeze(1), n_settled - 1,
+                              torch.minimum(score, thr).nan_to_num(0.0).unsqueeze(1), s.stats_alpha)
+        score_mean = torch.where(score_ok, sm.squeeze(1), score_mean)
+        score_var = torch.where(score_ok, sv.squeeze(1), score_var)
         raw_z2 = torch.clamp(z * z * calib, max=_CALIB_CLAMP)  # squared residual in the model's own units
         w_cal = torch.clamp(1.0 / n_settled, min=s.stats_alpha).unsqueeze(1)
-        calib = torch.where(score_ok.unsqueeze(1), calib + w_cal * (raw_z2 - calib), calib)
-        st["calib"][idx] = torch.clamp(calib, min=_CALIB_MIN)
-        st["z2_fast"][idx] = fast
+        calib = torch.clamp(torch.where(score_ok.unsqueeze(1), calib + w_cal * (raw_z2 - calib), calib),
+                            min=_CALIB_MIN)
         # 4. fold the reading into the hidden state
-        h = torch.where(reset.unsqueeze(1), torch.zeros_like(h), h)
-        x_n = normalise(x, mean, var)
+        h = h.masked_fill(reset.unsqueeze(1), 0.0)
+        sc = scale(mean, var)
+        x_n = torch.clamp((x - mean) / sc, -CLIP_Z, CLIP_Z)
         h = model.advance(h, x_n, dt)
-        gap = st["gap_ema"][idx]
+        gap = f("gap_ema")
         gap_dt = torch.clamp(dt, max=s.max_gap_s)
-        gap = torch.where(first, torch.full_like(gap, _DEFAULT_GAP_S),
+        gap = torch.where(first, _DEFAULT_GAP_S,
                           torch.where(dt <= 0, gap,  # a dt = 0 (accepted duplicate/late) says nothing of the rate
                                       torch.where(cnt == 1, gap_dt, gap + _GAP_ALPHA * (gap_dt - gap))))
         # 5. forecast the next reading at the usual gap, back in raw units
         mu2, sd2 = model.forecast(h, x_n, gap)
-        sc = scale(mean, var)
-        o_f.copy_(mean + mu2 * sc)
-        o_sd.copy_(sd2 * sc * torch.sqrt(st["calib"][idx]))
-        o_h.copy_(gap)
-        o_score.copy_(score)
-        o_thr.copy_(thr)
-        o_alert.copy_(alert.in_alert)
-        o_open.copy_(alert.opened)
-        o_reason.copy_(torch.where(stuck, 1, torch.where(score > thr, 0, torch.where(sustained, 2, 3))).to(torch.int8))
-        o_z.copy_(torch.where(stuck_run >= s.stuck_after, float("inf"), z))
-        # 6. scatter back
-        st["h"][idx], st["x_last"][idx], st["mean"][idx], st["var"][idx] = h, x, mean, var
-        st["gap_ema"][idx], st["stuck"][idx] = gap, stuck_run
-        st["alert_open"][idx], st["alert_since_ms"][idx] = alert.state.open, alert.state.since_ms
-        st["cooldown_ms"][idx], st["calm"][idx] = alert.state.cooldown_ms, alert.state.calm
+        o_f[:, :c] = mean + mu2 * sc
+        o_f[:, c:2 * c] = sd2 * sc * torch.sqrt(calib)
+        o_f[:, 2 * c:3 * c] = z.masked_fill(stuck_ch, float("inf"))
+        o_f[:, 3 * c], o_f[:, 3 * c + 1], o_f[:, 3 * c + 2] = gap, score, thr
+        o_b[:, 0], o_b[:, 1] = alert.in_alert, alert.opened
+        o_b[:, 2] = torch.where(stuck, 1, torch.where(score > thr, 0, torch.where(sustained, 2, 3)))
+        # 6. write the new values into the gathered rows, then scatter them back with one copy per block
+        for name, value in (("h", h), ("x_last", x), ("mean", mean), ("var", var), ("calib", calib),
+                            ("score_mean", score_mean), ("score_var", score_var), ("gap_ema", gap),
+                            ("z2_fast", fast), ("stuck", stuck_run), ("alert_open", alert.state.open),
+                            ("alert_since_ms", alert.state.since_ms), ("cooldown_ms", alert.state.cooldown_ms),
+                            ("calm", alert.state.calm)):
+            f(name).copy_(value)
+        store.scatter(idx, rows)
 
     def _assemble(self, device_ids: Sequence[str], ts_ms: np.ndarray, status: np.ndarray, long_gap: np.ndarray,
-                  source: np.ndarray, f: torch.Tensor, sd: torch.Tensor, hz: torch.Tensor, score: torch.Tensor,
-                  thr: torch.Tensor, in_alert: torch.Tensor, opened: torch.Tensor, reason: torch.Tensor,
-                  z: torch.Tensor) -> StepResult:
+                  source: np.ndarray, out_f: torch.Tensor, out_b: torch.Tensor) -> StepResult:
         n, c = len(device_ids), self.n_channels
-
-        def scatter(t: torch.Tensor, fill: float | bool, shape: tuple[int, ...], dtype: type) -> np.ndarray:
-            arr: np.ndarray = np.full(shape, fill, dtype=dtype)
-            arr[source] = t.cpu().numpy()
-            return arr
-
-        nan = float("nan")
-        res_score = scatter(score, nan, (n,), np.float32)
-        res_thr = scatter(thr, nan, (n,), np.float32)
+        # One device-to-host copy per block, then one scatter into input order (NaN / False: not applied).
+        res_f = np.full((n, out_f.shape[1]), np.nan, np.float32)
+        res_f[source] = out_f.cpu().numpy()
+        flags = out_b.cpu().numpy()
+        in_alert = np.zeros(n, np.bool_)
+        in_alert[source] = flags[:, 0] != 0
+        res_score, res_thr = res_f[:, 3 * c + 1].copy(), res_f[:, 3 * c + 2].copy()
         alerts: list[Alert] = []
-        opened_pos = torch.nonzero(opened).flatten()
-        if opened_pos.numel():
+        opened_pos = np.flatnonzero(flags[:, 1])
+        if opened_pos.size:
             k = min(self.settings.top_channels, c)
-            top = torch.topk(z[opened_pos], k, dim=1).indices.cpu().numpy()
-            reason_np = reason[opened_pos].cpu().numpy()
-            for j, p in enumerate(opened_pos.cpu().numpy().tolist()):
+            z = torch.from_numpy(res_f[source[opened_pos], 2 * c:3 * c].copy())
+            top = torch.topk(z, k, dim=1).indices.numpy()
+            for j, p in enumerate(opened_pos.tolist()):
                 i = int(source[p])
                 sc, th = float(res_score[i]), float(res_thr[i])
                 alerts.append(Alert(device_ids[i], int(ts_ms[i]), sc, th,
                                     self.scorer.severity(sc, th), tuple(int(ch) for ch in top[j]),
-                                    _REASONS[int(reason_np[j])], i))
+                                    _REASONS[int(flags[p, 2])], i))
         alerts.sort(key=lambda a: a.index)  # input order, not wave order
-        return StepResult(status=status, long_gap=long_gap, forecast=scatter(f, nan, (n, c), np.float32),
-                          forecast_std=scatter(sd, nan, (n, c), np.float32),
-                          horizon_s=scatter(hz, nan, (n,), np.float32), score=res_score, threshold=res_thr,
-                          is_alert=scatter(in_alert, False, (n,), np.bool_), ts_ms=ts_ms, alerts=alerts)
+        return StepResult(status=status, long_gap=long_gap, forecast=np.ascontiguousarray(res_f[:, :c]),
+                          forecast_std=np.ascontiguousarray(res_f[:, c:2 * c]), horizon_s=res_f[:, 3 * c].copy(),
+                          score=res_score, threshold=res_thr, is_alert=in_alert, ts_ms=ts_ms, alerts=alerts)

@@ -14,7 +14,7 @@ calm scores, never below ``min_threshold``.  One incident gives one alert:
   passes (the new level is then accepted as normal);
 * after it closes, no alert opens on that device for ``cooldown_s``;
 * the running statistics do not learn from readings inside an alert, so an incident cannot teach the
-  detector that it is normal.
+  detector that it is normal (with ``learn_calm_channels``, channels still near their level keep learning).
 
 Everything here is vectorised over the rows of one wave (one reading per device).
 """

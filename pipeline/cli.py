@@ -58,10 +58,22 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.benchmark == "irregular":
+        from pipeline.irregular import IRREGULAR_EPOCHS, evaluate_irregular, format_irregular
+
+        irr = evaluate_irregular(settings, epochs=args.epochs or IRREGULAR_EPOCHS, hidden_size=args.hidden_size,
+                                 seeds=args.seeds, peers=not args.no_peers)
+        print(format_irregular(irr))
+        if args.json:
+            print(json.dumps(irr))
+        return 0
     from pipeline.evaluate import evaluate_skab, format_table
 
-    report = evaluate_skab(settings, Path(args.data_dir), epochs=args.epochs, cell=args.cell,
-                           hidden_size=args.hidden_size, peers=not args.no_peers)
+    if not args.data_dir:
+        print("liquidstream evaluate skab: --data-dir is required (SKAB's data/ folder)", file=sys.stderr)
+        return 2
+    report = evaluate_skab(settings, Path(args.data_dir), epochs=args.epochs or 20, cell=args.cell,
+                           hidden_size=args.hidden_size, peers=not args.no_peers, profile=args.profile)
     print(format_table(report))
     if args.json:
         print(json.dumps(report))
@@ -108,12 +120,17 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p, epochs=8)
     handlers["train"] = _cmd_train
 
-    p = sub.add_parser("evaluate", help="evaluate on a public benchmark (SKAB) next to published baselines")
-    p.add_argument("benchmark", choices=["skab"])
-    p.add_argument("--data-dir", required=True, help="SKAB's data/ folder (e.g. ../shared/data/skab/data)")
-    p.add_argument("--json", action="store_true", help="end with one JSON line holding f1, far, mar")
+    p = sub.add_parser("evaluate", help="accuracy: SKAB next to published baselines, or the irregular-sampling "
+                                        "study (docs/evaluation.md)")
+    p.add_argument("benchmark", choices=["skab", "irregular"])
+    p.add_argument("--data-dir", default=None, help="skab: SKAB's data/ folder (e.g. ../shared/data/skab/data)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line (skab: holding f1, far, mar)")
     p.add_argument("--no-peers", action="store_true", help="skip the River peers")
+    p.add_argument("--profile", choices=["skab", "settings"], default="skab",
+                   help="skab: operator settings of pipeline.evaluate.SKAB_PROFILE on top of LIQUIDSTREAM_OPERATOR__*")
+    p.add_argument("--seeds", type=int, default=3, help="irregular: seeds per model")
     _model_flags(p, epochs=20)
+    p.set_defaults(epochs=None)  # per benchmark: skab 20, irregular IRREGULAR_EPOCHS
     handlers["evaluate"] = _cmd_evaluate
 
     for name, register in _EXTRA_COMMANDS:

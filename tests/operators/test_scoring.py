@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from operators import AnomalyScorer, Forecaster, LiquidOperator, OperatorSettings
+from operators.errors import ConfigError
 from operators.scoring import AlertState
 
 T0 = 1_700_000_000_000
@@ -283,3 +284,55 @@ def test_max_alert_s_through_operator() -> None:
     # open for readings 29..39 (t - since <= 10 s), closed at 40, cooldown until 45, then reopens (still stuck)
     assert out["is_alert"][29:40].all() and not out["is_alert"][40:45].any()
     assert opened[1] == 45
+
+
+# ------------------------------------------------------------------ fixed reference (SKAB-style settings)
+QUIET = {"min_threshold": 1e6, "threshold_sigma": 1e3, "sustained_ratio": 1e6, "level_sigma": 1e6, "hold_sigma": 1e6}
+
+
+@pytest.mark.parametrize("reference_level", [False, True])
+def test_reference_events_freeze_the_spread(reference_level: bool) -> None:
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((300, C)).astype(np.float32)
+    v[100:] *= 4.0  # the spread quadruples after the reference period
+    v[100:] += np.linspace(0.0, 6.0, 200, dtype=np.float32)[:, None]  # and the level drifts upwards
+    out = {}
+    for name, kw in (("ref", {"reference_events": 100, "reference_level": reference_level}), ("adaptive", {})):
+        op = make_op(**QUIET, stats_alpha=0.05, **kw)
+        run_devices(op, {"d": v[:100]})
+        at_ref = store_row(op, "d")
+        run_devices(op, {"d": v[100:]}, start=100)
+        out[name] = (at_ref, store_row(op, "d"))
+    (ref_at, ref_end), (_, ad_end) = out["ref"], out["adaptive"]
+    assert np.array_equal(ref_at["var"], ref_end["var"]), "the spread must stay the reference's"
+    assert (ad_end["var"] > 4.0 * ref_end["var"]).all(), "control: without a reference the spread learns"
+    if reference_level:
+        assert np.array_equal(ref_at["mean"], ref_end["mean"])
+    else:
+        assert (ref_end["mean"] - ref_at["mean"]).min() > 2.0, "the level keeps following the drift"
+
+
+def test_learn_calm_channels_follow_drift_inside_alert() -> None:
+    n = 160
+    v = signal(n, seed=8, noise=0.05)
+    v[:, 1] = 0.05 * np.random.default_rng(9).standard_normal(n)
+    v[60:, 0] += 50.0  # channel 0: a collective anomaly that holds an alert open
+    v[60:, 1] += np.linspace(0.0, 0.3, n - 60, dtype=np.float32)  # channel 1: slow drift within hold_sigma
+    ends = {}
+    for calm in (False, True):
+        op = make_op(stats_alpha=0.05, reference_events=40, learn_calm_channels=calm, level_sigma=6.0,
+                     hold_sigma=4.0, max_alert_s=1e6)
+        run_devices(op, {"d": v[:60]})
+        before = store_row(op, "d")
+        res = run_devices(op, {"d": v[60:]}, start=60)["d"]
+        assert res["is_alert"].all(), "the shift on channel 0 holds one alert open"
+        ends[calm] = (before, store_row(op, "d"))
+    (b0, e0), (b1, e1) = ends[False], ends[True]
+    assert np.array_equal(b0["mean"], e0["mean"]), "default: nothing learns inside an alert"
+    assert e1["mean"][1] - b1["mean"][1] > 0.1, "a calm channel keeps following its slow drift"
+    assert e1["mean"][0] == b1["mean"][0], "the abnormal channel stays frozen"
+
+
+def test_reference_events_validated() -> None:
+    with pytest.raises(ConfigError, match="reference_events"):
+        OperatorSettings(reference_events=-1)

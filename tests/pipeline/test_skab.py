@@ -42,7 +42,7 @@ def test_load_and_evaluate_tiny_fixture(tmp_path: Path) -> None:
     assert set(np.unique(gaps).tolist()) == {1000, 2000}  # irregular, in ms
     report = evaluate_skab(Settings(), tmp_path, epochs=1, hidden_size=8, peers=True)
     assert report["test_points"] == 2 * 150
-    assert set(report["results"]) >= {"River HalfSpaceTrees (streaming)", "rolling z-score (streaming)"}
+    assert set(report["results"]) >= {"River HalfSpaceTrees (q=0.99)", "rolling z-score (300 readings)"}
     # a 2.0 shift on 0.01 noise is impossible to miss: the operator must flag most of it
     assert report["mar"] < 50.0 and report["f1"] > 0.5
     assert "Conv-AE" in format_table(report)

@@ -1,0 +1,212 @@
+"""``liquidstream evaluate irregular``: does knowing the real gap between readings help forecasting?
+
+On irregular streams (:mod:`pipeline.irregular_data`: River's real WaterFlow recording thinned into bursts
+and dropouts, and the simulator thinned by random drops) five one-step forecasters are trained the way
+production trains them (:class:`operators.training.Trainer`, same hidden size, epochs, window, learning
+rate and seed) and scored on held-out streams (:meth:`Trainer.evaluate`: one-step MSE and Gaussian NLL in
+per-device normalised units, every reading after warm-up):
+
+* ``cfc`` / ``ltc``: the liquid cells given the true gaps (as the operator runs them);
+* ``cfc dt=1`` / ``ltc dt=1``: the same cells fed ``dt = 1`` (the nominal period) for every reading, train
+  and test alike: gap-blind;
+* ``gru+gap``: a GRU (no continuous-time dynamics) given the gap as an input feature;
+* ``persistence``: the untrained forecaster (last reading, unit spread), the floor every model starts from.
+
+Mean and standard deviation over ``seeds`` seeds (model initialisation and stream thinning).  The peers'
+part (River detectors next to the operator, on simulated irregular streams with injected incidents) is in
+:mod:`pipeline.irregular_peers`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from operators import Forecaster
+from operators.cells.base import ContinuousCell
+from operators.training import Sequences, Trainer
+from pipeline.irregular_bins import bin_labels, gap_metrics
+from pipeline.irregular_data import Columns, simulated, smooth_sines, water_flow_streams
+from pipeline.settings import Settings
+
+#: Default epochs of the study, and the truncated-BPTT window (readings): short sequences train fast on a CPU
+#: (the cost is per time step), and a short window gives more optimiser steps per epoch.
+IRREGULAR_EPOCHS, WINDOW, IRREGULAR_SEEDS = 10, 8, 2
+#: The study's streams (:func:`streams`) and training objectives (:func:`run_model`).
+STREAMS, OBJECTIVES = ("waterflow", "simulator", "sines"), ("mse", "nll")
+#: The gap bins of :mod:`pipeline.irregular_bins`, in order.
+BIN_LABELS = bin_labels()
+#: Model name -> (cell kind, gap-aware).  ``gru`` is :class:`GRUGapCell`.
+MODELS: dict[str, tuple[str, bool]] = {"cfc": ("cfc", True), "cfc dt=1": ("cfc", False), "ltc": ("ltc", True),
+                                       "ltc dt=1": ("ltc", False), "gru+gap": ("gru", True)}
+
+
+class GRUGapCell(ContinuousCell):
+    """A discrete GRU behind the cell interface: the gap reaches it only as an input feature.
+
+    :class:`~operators.forecaster.Forecaster` appends ``log1p(dt)`` to every cell input, so this GRU is
+    "given the gap as an input" while its state update has no notion of elapsed time.
+
+    >>> cell = GRUGapCell(input_size=3, hidden_size=4)
+    >>> cell(torch.zeros(2, 3), torch.zeros(2, 4), torch.tensor([1.0, 5.0])).shape
+    torch.Size([2, 4])
+    """
+
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__(input_size, hidden_size)
+        self.gru = nn.GRUCell(input_size, hidden_size)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor = self.gru(x, h)
+        return out
+
+    def time_constants(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(h)  # one step, whatever the gap: a discrete cell has no time constant in seconds
+
+
+def build_model(kind: str, n_channels: int, hidden_size: int) -> Forecaster:
+    if kind == "gru":
+        model = Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell="liquid")
+        model.cell = GRUGapCell(n_channels + 1, hidden_size)  # same head, same dt feature, discrete state
+        return model
+    options: dict[str, object] = {"backbone_units": hidden_size} if kind == "cfc" else {}
+    return Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell=kind, cell_options=options)
+
+
+def fix_spread(model: Forecaster) -> Forecaster:
+    """Freeze the head's spread outputs at their initial value (unit std), so the production trainer's
+    Gaussian NLL becomes squared error / 2 (plus a constant): the ``mse`` objective.
+
+    The head's last layer starts at zero and its spread rows get zero gradients, so Adam never moves them.
+
+    >>> m = fix_spread(build_model("cfc", 1, 4))
+    >>> _, sd = m.forecast(torch.zeros(1, 4), torch.zeros(1, 1), torch.tensor([3.0]))
+    >>> round(float(sd), 3)
+    1.05
+    """
+    last = model.head[-1]
+    if isinstance(last, nn.Linear):
+        keep = torch.ones(last.out_features, 1)
+        keep[model.n_channels:] = 0.0  # rows [C:2C] produce the log-spread
+        last.weight.register_hook(lambda g: g * keep.to(g.device))  # type: ignore[no-untyped-call]
+        last.bias.register_hook(lambda g: g * keep[:, 0].to(g.device))  # type: ignore[no-untyped-call]
+    return model
+
+
+def gap_blind(seqs: Sequences) -> Sequences:
+    """The same readings with every gap replaced by the nominal period (1 s); first readings keep dt = 0."""
+    dt = torch.where(seqs.mask & (seqs.dt > 0), torch.ones_like(seqs.dt), torch.zeros_like(seqs.dt))
+    return Sequences(seqs.device_ids, seqs.values, dt, seqs.mask)
+
+
+def _seqs(cols: Columns) -> Sequences:
+    return Sequences.from_columns(*cols)
+
+
+def streams(name: str, seed: int) -> tuple[Sequences, Sequences]:
+    """Train and held-out test sequences of one study stream."""
+    if name == "waterflow":
+        train, test = water_flow_streams(seed)
+        return _seqs(train), _seqs(test)
+    if name == "sines":
+        return _seqs(smooth_sines(1000 + seed, 96, 450.0)), _seqs(smooth_sines(2000 + seed, 32, 450.0))
+    tr, _ = simulated(seed=1000 + seed, devices=96, duration_s=150.0)
+    te, _ = simulated(seed=2000 + seed, devices=32, duration_s=150.0)  # other devices: held out
+    return _seqs(tr), _seqs(te)
+
+
+def run_model(name: str, train: Sequences, test: Sequences, *, epochs: int, hidden_size: int, seed: int,
+              device: str, objective: str = "nll") -> dict[str, Any]:
+    """Train ``name`` on ``train`` and return :func:`~pipeline.irregular_bins.gap_metrics` on ``test``.
+
+    ``objective`` is ``"nll"`` (production: mean and spread) or ``"mse"`` (:func:`fix_spread`)."""
+    true_dt = test.dt
+    if name == "persistence":  # an untrained forecaster: last reading, unit spread (the head starts at zero)
+        return gap_metrics(Trainer(build_model("cfc", test.values.shape[2], hidden_size), device=device), test,
+                           true_dt)
+    kind, aware = MODELS[name]
+    if not aware:
+        train, test = gap_blind(train), gap_blind(test)
+    torch.manual_seed(seed)
+    model = build_model(kind, train.values.shape[2], hidden_size)
+    if objective == "mse":
+        fix_spread(model)
+    trainer = Trainer(model, window=WINDOW, lr=3e-3, seed=seed, device=device)
+    trainer.fit(train, epochs)
+    return gap_metrics(trainer, test, true_dt)
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and population std over seeds of each metric; per-gap MSE and counts as means over seeds."""
+    out: dict[str, Any] = {}
+    for key in ("mse", "nll"):
+        vals = [r[key] for r in runs]
+        out[key], out[f"{key}_std"] = float(np.mean(vals)), float(np.std(vals))
+    labels = sorted({b for r in runs for b in r["mse_by_gap"]}, key=lambda b: BIN_LABELS.index(b))
+    for key in ("mse_by_gap", "n_by_gap"):  # a bin may be empty under one seed's thinning only
+        out[key] = {b: float(np.mean([r[key][b] for r in runs if b in r[key]])) for b in labels}
+    return out
+
+
+def evaluate_irregular(settings: Settings, *, epochs: int = IRREGULAR_EPOCHS, hidden_size: int = 32,
+                       seeds: int = IRREGULAR_SEEDS, peers: bool = True, stream_names: tuple[str, ...] = STREAMS,
+                       objectives: tuple[str, ...] = OBJECTIVES) -> dict[str, Any]:
+    """The study's tables (and the peers' table unless ``peers`` is False), as one JSON-able dict:
+    ``forecast[stream][objective][model]`` holds the metrics' means and stds over seeds."""
+    device = settings.torch_device()
+    t0 = time.perf_counter()
+    table: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    for sname in stream_names:
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {o: {m: [] for m in (*MODELS, "persistence")}
+                                                             for o in objectives}
+        for seed in range(seeds):
+            train, test = streams(sname, seed)
+            base = run_model("persistence", train, test, epochs=0, hidden_size=hidden_size, seed=seed, device=device)
+            for obj in objectives:
+                runs[obj]["persistence"].append(base)  # untrained: the same under either objective
+                for m in MODELS:
+                    runs[obj][m].append(run_model(m, train, test, epochs=epochs, hidden_size=hidden_size, seed=seed,
+                                                  device=device, objective=obj))
+        table[sname] = {o: {m: _summary(rs) for m, rs in by_model.items()} for o, by_model in runs.items()}
+        for rows in table[sname].values():
+            for cell in ("cfc", "ltc"):  # relative MSE gain of the time-aware cell over its gap-blind twin
+                blind, aware = rows[f"{cell} dt=1"]["mse"], rows[cell]["mse"]
+                rows[cell]["mse_gain_vs_blind_pct"] = 100.0 * (blind - aware) / blind
+    report: dict[str, Any] = {"epochs": epochs, "hidden_size": hidden_size, "seeds": seeds, "window": WINDOW,
+                              "forecast": table}
+    if peers:
+        from pipeline.irregular_peers import evaluate_peers
+
+        report["peers"] = evaluate_peers(settings, epochs=epochs, hidden_size=hidden_size)
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    return report
+
+
+def format_irregular(report: dict[str, Any]) -> str:
+    lines = [f"Irregular sampling: one-step forecast on held-out irregular streams, normalised units, mean +- std "
+             f"over {report['seeds']} seeds ({report['epochs']} epochs, hidden {report['hidden_size']}, "
+             f"window {report['window']})"]
+    for sname, by_obj in report["forecast"].items():
+        for obj, rows in by_obj.items():
+            head = f"{sname} [{obj} objective]:"
+            pad = " " * len(head)
+            lines.append(f"{head} {'model':10s} {'MSE':>16s} {'NLL':>16s}  MSE gain vs gap-blind")
+            for m, r in rows.items():
+                gain = f"{r['mse_gain_vs_blind_pct']:+.1f} %" if "mse_gain_vs_blind_pct" in r else ""
+                lines.append(f"{pad} {m:10s} {r['mse']:8.4f} +- {r['mse_std']:.4f} "
+                             f"{r['nll']:8.3f} +- {r['nll_std']:.3f}  {gain}")
+            labels = list(rows["persistence"]["mse_by_gap"])
+            lines.append(f"{pad} {'MSE by gap':10s} " + " ".join(f"{b:>10s}" for b in labels))
+            lines.append(f"{pad} {'(readings)':10s} "
+                         + " ".join(f"{rows['persistence']['n_by_gap'][b]:10.0f}" for b in labels))
+            for m, r in rows.items():
+                lines.append(f"{pad} {m:10s} " + " ".join(f"{r['mse_by_gap'][b]:10.4f}" for b in labels))
+    if "peers" in report:
+        from pipeline.irregular_peers import format_peers
+
+        lines.append(format_peers(report["peers"]))
+    return "\n".join(lines)

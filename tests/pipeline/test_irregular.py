@@ -1,0 +1,124 @@
+"""The irregular-sampling study's parts on tiny inputs: real data shipped offline, thinning, gap-blind
+sequences, the GRU baseline, and the peers' ground truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from operators.training import MIN_HISTORY, Sequences, Trainer
+from pipeline.irregular import MODELS, GRUGapCell, build_model, fix_spread, gap_blind, run_model
+from pipeline.irregular_bins import GAP_EDGES_S, bin_labels, gap_metrics
+from pipeline.irregular_data import make_irregular, smooth_sines, water_flow, water_flow_path, water_flow_streams
+from pipeline.irregular_peers import evaluate_peers, truth_flags
+from pipeline.settings import Settings
+from pipeline.simulator import Incident
+
+
+def test_water_flow_is_the_recording_shipped_in_the_river_wheel() -> None:
+    path = water_flow_path()
+    assert "site-packages" in str(path) or "river" in str(path.parent)
+    ts, v = water_flow()
+    assert v.shape == (1268, 1) and v.dtype == np.float32
+    assert np.diff(ts).min() >= 1000 and np.median(np.diff(ts)) == 1000  # hourly, rescaled to 1 s
+
+
+def test_make_irregular_keeps_real_readings_with_bursts_and_dropouts() -> None:
+    ts = np.arange(500) * 1000
+    v = np.arange(500, dtype=np.float32)[:, None] * 2.0
+    ids, t2, v2 = make_irregular("d", ts, v, np.random.default_rng(3))
+    assert len(ids) == len(t2) == len(v2) and set(ids) == {"d"}
+    assert np.array_equal(v2[:, 0], 2.0 * (t2 // 1000))  # every kept reading is the original at its time
+    gaps = set(np.diff(t2).tolist())
+    assert 1000 in gaps and max(gaps) >= 4000  # dense runs and sparse runs
+
+
+def test_water_flow_train_and_test_do_not_overlap() -> None:
+    (tr_ids, tr_ts, _), (te_ids, te_ts, _) = water_flow_streams(seed=0)
+    assert tr_ts.max() < te_ts.min()
+    assert len(set(tr_ids)) > 8 and len(set(te_ids)) > 8
+
+
+def test_gap_blind_replaces_gaps_only() -> None:
+    s = Sequences.from_columns(["a", "a", "a", "b"], np.array([0, 500, 4000, 0]), np.ones((4, 1), np.float32))
+    b = gap_blind(s)
+    assert s.dt.tolist() == [[0.0, 0.5, 3.5], [0.0, 0.0, 0.0]]
+    assert b.dt.tolist() == [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]
+    assert torch.equal(b.values, s.values) and torch.equal(b.mask, s.mask)
+
+
+def test_every_model_trains_through_the_production_trainer() -> None:
+    rng = np.random.default_rng(0)
+    t = np.cumsum(rng.uniform(0.2, 3.0, 30))
+    ids = ["a"] * 30 + ["b"] * 30
+    ts = np.concatenate([t, t]) * 1000
+    vals = np.concatenate([np.sin(t), np.cos(t)])[:, None].astype(np.float32)
+    seqs = Sequences.from_columns(ids, ts.astype(np.int64), vals)
+    for name in (*MODELS, "persistence"):
+        r = run_model(name, seqs, seqs, epochs=1, hidden_size=4, seed=0, device="cpu")
+        assert np.isfinite(r["mse"]) and np.isfinite(r["nll"]), name
+    gru = build_model("gru", 1, 4)
+    assert isinstance(gru.cell, GRUGapCell)
+    h = gru.cell(torch.zeros(2, 2), torch.zeros(2, 4), torch.tensor([1.0, 9.0]))
+    assert h.shape == (2, 4)
+    before = Trainer(gru).evaluate(seqs)["nll"]
+    Trainer(gru, window=8, lr=1e-2).fit(seqs, 3)
+    assert Trainer(gru).evaluate(seqs)["nll"] < before  # the GRU baseline really learns
+
+
+def test_truth_flags_and_tiny_peer_run() -> None:
+    inc = (Incident("a", "spike", 1000, 1000, (0,)),)
+    assert truth_flags(np.array(["a", "a"]), np.array([1000, 2000]), inc).tolist() == [True, False]
+    report = evaluate_peers(Settings(), epochs=1, hidden_size=8, devices=3, duration_s=500.0, prefix_s=200.0,
+                            anomaly_rate=20.0)
+    assert report["anomalous_points"] > 0 and report["test_points"] > report["anomalous_points"]
+    assert set(report["results"]) == {"liquidstream (cfc, operator defaults)", "River HalfSpaceTrees (q=0.99)",
+                                      "River HalfSpaceTrees (q=0.95)", "rolling z-score (300 readings)"}
+    for r in report["results"].values():
+        assert 0.0 <= r["f1"] <= 1.0 and r["points"] == report["test_points"]
+
+
+def _tiny_sines() -> Sequences:
+    return Sequences.from_columns(*smooth_sines(seed=0, devices=4, duration_s=90.0))
+
+
+def test_gap_metrics_equal_trainer_evaluate_and_bin_by_the_true_gap() -> None:
+    seqs = _tiny_sines()
+    trainer = Trainer(build_model("cfc", 1, 8), window=8)
+    trainer.fit(seqs, 1)
+    overall = trainer.evaluate(seqs)
+    got = gap_metrics(trainer, seqs, seqs.dt)
+    assert np.isclose(got["mse"], overall["mse"], rtol=1e-5) and np.isclose(got["nll"], overall["nll"], rtol=1e-5)
+    n_by_gap, mse_by_gap = got["n_by_gap"], got["mse_by_gap"]
+    assert isinstance(n_by_gap, dict) and isinstance(mse_by_gap, dict)
+    per_reading = sum(n_by_gap[b] * mse_by_gap[b] for b in n_by_gap) / sum(n_by_gap.values())
+    assert np.isclose(per_reading, got["mse"], rtol=1e-5)
+    # expected bin counts by hand: scored readings (the first MIN_HISTORY of a device only warm up) by true gap
+    scored = seqs.mask.clone()
+    scored[:, :MIN_HISTORY] = False
+    gaps = seqs.dt[scored].numpy()
+    assert n_by_gap == {b: int(c) for b, c in zip(bin_labels(), np.bincount(np.digitize(gaps, GAP_EDGES_S),
+                                                                                minlength=5), strict=True) if c}
+    blind = gap_metrics(trainer, gap_blind(seqs), seqs.dt)  # gap-blind input, still binned by the true gap
+    assert blind["n_by_gap"] == n_by_gap
+
+
+def test_mse_objective_trains_the_mean_and_keeps_the_spread() -> None:
+    seqs = _tiny_sines()
+    r = run_model("cfc", seqs, seqs, epochs=2, hidden_size=8, seed=0, device="cpu", objective="mse")
+    assert np.isfinite(r["mse"])
+    model = fix_spread(build_model("cfc", 1, 8))
+    Trainer(model, window=8, lr=1e-2).fit(seqs, 2)
+    last = model.head[-1]
+    assert isinstance(last, torch.nn.Linear)
+    w, b = last.weight.detach(), last.bias.detach()
+    assert float(w[:1].abs().sum()) > 0  # the mean rows learned
+    assert float(w[1:].abs().sum()) == 0 and float(b[1:].abs().sum()) == 0  # the spread rows never moved
+
+
+def test_smooth_sines_are_irregular_and_smooth() -> None:
+    ids, ts, v = smooth_sines(seed=1, devices=3, duration_s=300.0)
+    assert set(ids) == {"sine-0", "sine-1", "sine-2"} and v.shape == (len(ts), 1)
+    gaps = np.diff(ts[np.array(ids) == "sine-0"]) / 1000.0
+    assert gaps.min() >= 0 and 2.0 < gaps.mean() < 4.5 and gaps.std() > 1.0  # exponential, mean 3 s
+    assert np.abs(v).max() < 2.0
