@@ -62,7 +62,8 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         from pipeline.irregular import IRREGULAR_EPOCHS, evaluate_irregular, format_irregular
 
         irr = evaluate_irregular(settings, epochs=args.epochs or IRREGULAR_EPOCHS, hidden_size=args.hidden_size,
-                                 seeds=args.seeds, peers=not args.no_peers)
+                                 seeds=args.seeds, peers=not args.no_peers, objectives=(args.objective,),
+                                 stream_names=tuple(args.streams.split(",")))
         print(format_irregular(irr))
         if args.json:
             print(json.dumps(irr))
@@ -128,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-peers", action="store_true", help="skip the River peers")
     p.add_argument("--profile", choices=["skab", "settings"], default="skab",
                    help="skab: operator settings of pipeline.evaluate.SKAB_PROFILE on top of LIQUIDSTREAM_OPERATOR__*")
-    p.add_argument("--seeds", type=int, default=3, help="irregular: seeds per model")
+    p.add_argument("--seeds", type=int, default=2, help="irregular: seeds per model")
+    p.add_argument("--objective", choices=["mse", "nll"], default="mse",
+                   help="irregular: train the mean only (mse, unit spread) or mean and spread (nll, production)")
+    p.add_argument("--streams", default="waterflow,simulator",
+                   help="irregular: comma-separated streams among waterflow, simulator, sines (the control)")
     _model_flags(p, epochs=20)
     p.set_defaults(epochs=None)  # per benchmark: skab 20, irregular IRREGULAR_EPOCHS
     handlers["evaluate"] = _cmd_evaluate
