@@ -37,7 +37,8 @@ def make_events(devices: int, per_device: int, channels: int, seed: int) -> tupl
     return ids, ts[order], values[order]
 
 
-def run(device: str, model: Forecaster, ids: list[str], ts: np.ndarray, vals: np.ndarray, batch: int) -> tuple[float, list]:
+def run(device: str, model: Forecaster, ids: list[str], ts: np.ndarray, vals: np.ndarray,
+        batch: int) -> tuple[float, list]:
     op = LiquidOperator(model, OperatorSettings(), device=device, initial_capacity=1 << 20)
     results = []
     op.process(ids[:batch], ts[:batch], vals[:batch])  # warm-up: allocation, kernels, first-event paths
