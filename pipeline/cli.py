@@ -89,6 +89,31 @@ def _model_flags(p: argparse.ArgumentParser, epochs: int) -> None:
     device_flag(p)
 
 
+# --- argparse value types shared by the sub-command modules ----------------------------------------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        msg = f"must be >= 1, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        msg = f"must be a TCP port 0..65535 (0 = any free one), got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects NaN
+        msg = f"must be >= 0, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None,
                    help="compute device (default: LIQUIDSTREAM_DEVICE or auto)")

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cli import Handler, device_flag
+from pipeline.cli import Handler, device_flag, non_negative_float, port, positive_int
 from pipeline.errors import ConfigurationError
 from pipeline.logs import setup_logging
 from pipeline.settings import Settings
@@ -32,30 +32,6 @@ log = logging.getLogger("liquidstream")
 
 #: Channels of the untrained model served when ``run`` gets no ``--model``.
 DEFAULT_CHANNELS = 4
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        msg = f"must be >= 1, got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        msg = f"must be a TCP port 0..65535 (0 = any free one), got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0:  # also rejects NaN
-        msg = f"must be >= 0, got {text}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
 
 
 def _kafka_flags(p: argparse.ArgumentParser) -> None:
@@ -71,19 +47,19 @@ def register_run(sub: Any) -> Handler:
     p.add_argument("--group-id", default=None, help="consumer group (a new group starts from earliest "
                                                    "unless LIQUIDSTREAM_AUTO_OFFSET_RESET=latest)")
     p.add_argument("--model", default=None, help="model.pt saved by `liquidstream train`/`demo`")
-    p.add_argument("--channels", type=_positive_int, default=None,
+    p.add_argument("--channels", type=positive_int, default=None,
                    help=f"channels of the untrained model used without --model (default {DEFAULT_CHANNELS})")
     device_flag(p)
-    p.add_argument("--exit-when-idle", dest="exit_when_idle_s", type=_non_negative_float, default=None,
+    p.add_argument("--exit-when-idle", dest="exit_when_idle_s", type=non_negative_float, default=None,
                    metavar="SECONDS", help="stop (exit 0) after this long without input")
-    p.add_argument("--batch-max-messages", type=_positive_int, default=None)
-    p.add_argument("--batch-max-ms", type=_positive_int, default=None, help="ms to wait filling a batch")
+    p.add_argument("--batch-max-messages", type=positive_int, default=None)
+    p.add_argument("--batch-max-ms", type=positive_int, default=None, help="ms to wait filling a batch")
     p.add_argument("--guarantee", choices=["exactly_once", "at_least_once"], default=None,
                    help="exactly_once (default): Kafka transactions; at_least_once: produce, flush, commit")
     p.add_argument("--worker-id", default=None, help="stable identity of this instance (transactional id suffix;"
                                                     " default host name + pid): keep it across restarts")
     p.add_argument("--changelog-topic", default=None, help="state changelog (default <group-id>-state-changelog)")
-    p.add_argument("--metrics-port", type=_port, default=None,
+    p.add_argument("--metrics-port", type=port, default=None,
                    help="port of /metrics, /healthz, /readyz (LIQUIDSTREAM_METRICS_PORT, default 9108; 0 = any free "
                         "port, named in the log line 'serving /metrics, /healthz, /readyz on HOST:PORT')")
     return _cmd_run
@@ -128,13 +104,13 @@ def register_simulate(sub: Any) -> Handler:
     p = sub.add_parser("simulate", help="produce a simulated fleet's readings (and injected faults) to Kafka")
     _kafka_flags(p)
     p.add_argument("--topic", default=None, help="input topic (default: LIQUIDSTREAM_INPUT_TOPIC)")
-    p.add_argument("--devices", type=_positive_int, default=100)
-    p.add_argument("--events", type=_positive_int, default=10_000, help="readings (faults come on top)")
-    p.add_argument("--rate", type=_non_negative_float, default=0.0, help="messages/s, 0 = no limit")
-    p.add_argument("--anomaly-rate", type=_non_negative_float, default=3.0,
+    p.add_argument("--devices", type=positive_int, default=100)
+    p.add_argument("--events", type=positive_int, default=10_000, help="readings (faults come on top)")
+    p.add_argument("--rate", type=non_negative_float, default=0.0, help="messages/s, 0 = no limit")
+    p.add_argument("--anomaly-rate", type=non_negative_float, default=3.0,
                    help="injected incidents per device per hour of simulated time")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--channels", type=_positive_int, default=DEFAULT_CHANNELS)
+    p.add_argument("--channels", type=positive_int, default=DEFAULT_CHANNELS)
     p.add_argument("--truth", default=None, help="write the ground-truth incidents here (JSONL)")
     p.add_argument("--malformed", type=int, default=0, help="malformed messages to mix in (all kinds)")
     p.add_argument("--duplicates", type=int, default=0, help="exact re-sends to mix in")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.cli import Handler
+from pipeline.cli import Handler, positive_int
 from pipeline.errors import ConfigurationError
 from pipeline.settings import Settings
 
@@ -24,14 +24,6 @@ __all__ = ["COMMANDS", "register_report"]
 DEFAULT_DEVICES = 4
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        msg = f"must be >= 1, got {value}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def register_report(sub: Any) -> Handler:
     p = sub.add_parser("report", help="PNG of a few devices: readings, forecasts, alerts, incidents")
     p.add_argument("--readings", required=True, help="readings JSONL (device_id, ts, values)")
@@ -39,9 +31,9 @@ def register_report(sub: Any) -> Handler:
     p.add_argument("--alerts", required=True, help="alerts JSONL written by replay/run/demo")
     p.add_argument("--incidents", default=None, help="ground-truth incidents JSONL (simulate --truth)")
     p.add_argument("--out", default="report.png", help="PNG to write (default report.png)")
-    p.add_argument("--devices", type=_positive_int, default=DEFAULT_DEVICES,
+    p.add_argument("--devices", type=positive_int, default=DEFAULT_DEVICES,
                    help=f"devices to plot, most interesting first (default {DEFAULT_DEVICES})")
-    p.add_argument("--channels", type=_positive_int, default=2, help="channels per device (columns)")
+    p.add_argument("--channels", type=positive_int, default=2, help="channels per device (columns)")
     p.add_argument("--title", default=None)
     return _cmd_report
 

@@ -17,8 +17,8 @@ import signal
 import socket
 from typing import TYPE_CHECKING, Any
 
-from pipeline.cli import Handler, device_flag
-from pipeline.cli_kafka import DEFAULT_CHANNELS, _kafka_flags, _non_negative_float, _port, _positive_int
+from pipeline.cli import Handler, device_flag, non_negative_float, port, positive_int
+from pipeline.cli_kafka import DEFAULT_CHANNELS, _kafka_flags
 from pipeline.errors import ConfigurationError, PipelineError
 from pipeline.logs import setup_logging
 from pipeline.settings import Settings
@@ -52,18 +52,18 @@ def register(sub: Any) -> Handler:
                                                                "(default model-updates)")
     p.add_argument("--model-lineage", default=None, help="record key of this model line (default forecaster)")
     p.add_argument("--model", default=None, help="starting model (model.pt) when the topic has none")
-    p.add_argument("--channels", type=_positive_int, default=None,
+    p.add_argument("--channels", type=positive_int, default=None,
                    help=f"channels of the untrained model used without any model (default {DEFAULT_CHANNELS})")
     device_flag(p)
     p.add_argument("--interval", dest="trainer_interval_s", type=_positive_float, default=None, metavar="SECONDS",
                    help="seconds between candidate trainings (LIQUIDSTREAM_TRAINER_INTERVAL_S, default 60)")
-    p.add_argument("--max-updates", type=_positive_int, default=None, help="exit 0 after publishing this many")
-    p.add_argument("--exit-when-idle", "--exit-when-idle-s", dest="exit_when_idle_s", type=_non_negative_float,
+    p.add_argument("--max-updates", type=positive_int, default=None, help="exit 0 after publishing this many")
+    p.add_argument("--exit-when-idle", "--exit-when-idle-s", dest="exit_when_idle_s", type=non_negative_float,
                    default=None, metavar="SECONDS", help="stop (exit 0) after this long without input")
-    p.add_argument("--batch-max-messages", type=_positive_int, default=None)
-    p.add_argument("--batch-max-ms", type=_positive_int, default=None, help="ms to wait filling a batch")
+    p.add_argument("--batch-max-messages", type=positive_int, default=None)
+    p.add_argument("--batch-max-ms", type=positive_int, default=None, help="ms to wait filling a batch")
     p.add_argument("--worker-id", default=None, help="identity of this trainer in records and logs")
-    p.add_argument("--metrics-port", type=_port, default=None, help="port of /metrics, /healthz, /readyz")
+    p.add_argument("--metrics-port", type=port, default=None, help="port of /metrics, /healthz, /readyz")
     return _cmd_train_worker
 
 
