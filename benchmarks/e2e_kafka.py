@@ -278,12 +278,20 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
             out[f"{tag}_events_per_s"] = statistics.median(rates)
             out[f"{tag}_runs"] = rates
         proc = subprocess.Popen(worker_cmd(bootstrap, lat_topic, f"{run}-lat", model, args.latency_guarantee, 600),
-                                env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             lat = latency_run(bootstrap, lat_topic, f"{run}-lat-predictions", proc, args.rate, latency_s,
                               args.channels)
         finally:
             stop(proc)
+        # The worker's own account of the latency run (its final stats line): how it batched the load.
+        finals = [ln for ln in (proc.stdout.read() if proc.stdout else "").splitlines() if ln.startswith("{")]
+        if finals:
+            ws = json.loads(finals[-1])
+            batches = max(int(ws.get("batches") or 0), 1)
+            out |= {"latency_worker_batches": ws.get("batches"),
+                    "latency_worker_events_per_batch": round(int(ws.get("consumed") or 0) / batches, 1),
+                    "latency_worker_busy_ms_per_batch": round(1000 * float(ws.get("busy_s") or 0) / batches, 2)}
         out |= {"latency_guarantee": args.latency_guarantee, "offered_per_s": args.rate, "latency_s": latency_s,
                 "latency_received": lat["received"], "latency_sent": lat["sent"],
                 "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "p99_ms": lat["p99_ms"],

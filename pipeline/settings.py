@@ -57,7 +57,11 @@ class Settings(BaseSettings):
 
     # --- batching ---------------------------------------------------------------------------------------
     batch_max_messages: int = Field(default=5000, ge=1)
-    batch_max_ms: int = Field(default=100, ge=1)  # milliseconds to wait while filling one batch
+    #: Milliseconds ``consume`` waits while filling one batch.  A backlog fills ``batch_max_messages`` at once
+    #: whatever this is; under light load it bounds the wait a reading spends before its batch starts.
+    #: Measured (docs/performance.md): 100 -> 10 ms cut p99 at 5,000 readings/s from 394-458 to 232-240 ms
+    #: with the same backlog drain rate; an idle worker then polls 100 times a second.
+    batch_max_ms: int = Field(default=10, ge=1)
     exit_when_idle_s: float | None = None  # bounded runs: stop after this many seconds without input
 
     # --- input validation (what goes to the dead-letter topic) ------------------------------------------
