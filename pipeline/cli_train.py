@@ -26,7 +26,8 @@ from pipeline.settings import Settings
 if TYPE_CHECKING:  # torch is imported only when the command runs, not by `--help`
     from operators.forecaster import Forecaster
     from pipeline.health import Health, ReadyCheck
-    from pipeline.metrics import Metrics, OpsServer
+    from pipeline.metrics import Metrics
+    from pipeline.ops_server import OpsServer
 
 log = logging.getLogger("liquidstream")
 #: Liveness window of the trainer: one candidate training may hold the loop for minutes.
@@ -74,7 +75,8 @@ def starting_point(settings: Settings, channels: int | None, key: bytes) -> tupl
 
     from operators import Forecaster
     from operators.model_io import load_model
-    from pipeline.model_updates import UpdateGate, ensure_updates_topic, read_latest, updates_consumer
+    from pipeline.model_updates import UpdateGate
+    from pipeline.updates_topic import ensure_updates_topic, read_latest, updates_consumer
 
     base, version = None, "untrained"
     if settings.model is not None:
@@ -108,7 +110,8 @@ def starting_point(settings: Settings, channels: int | None, key: bytes) -> tupl
 
 def _serve_ops(settings: Settings, ready: ReadyCheck) -> tuple[Metrics, Health, OpsServer]:
     from pipeline.health import Health
-    from pipeline.metrics import Metrics, OpsServer
+    from pipeline.metrics import Metrics
+    from pipeline.ops_server import OpsServer
 
     metrics, health = Metrics(), Health(max_silence_s=TRAINER_MAX_SILENCE_S)
     server = OpsServer(metrics, health, ready)

@@ -1,4 +1,4 @@
-"""Liveness, readiness and the broker watch of a worker process (served by :class:`pipeline.metrics.OpsServer`).
+"""Liveness, readiness and the broker watch of a worker process (served by :class:`pipeline.ops_server.OpsServer`).
 
 * :class:`Health`: liveness; the worker loop calls :meth:`Health.beat` on every turn, ``/healthz`` is 503
   once it has not for ``max_silence_s`` (a stuck loop is restarted by the orchestrator).

@@ -30,7 +30,8 @@ from typing import Any
 
 from pipeline.errors import ConfigurationError
 from pipeline.health import BrokerWatch, Health, Readiness
-from pipeline.metrics import Metrics, OpsServer
+from pipeline.metrics import Metrics
+from pipeline.ops_server import OpsServer
 from pipeline.settings import Settings
 from pipeline.worker import BatchOutput, TopicPart
 

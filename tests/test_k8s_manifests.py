@@ -22,7 +22,8 @@ from operators.config import OperatorSettings
 from pipeline import cli, cli_kafka, cli_ops
 from pipeline.health import Health
 from pipeline.logs import is_secret_key
-from pipeline.metrics import Metrics, OpsServer
+from pipeline.metrics import Metrics
+from pipeline.ops_server import OpsServer
 from pipeline.settings import Settings
 from tests.test_deploy_files import MiniYaml
 

@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pipeline.errors import ConfigurationError
 from pipeline.health import BrokerWatch, Health, Readiness, preflight
-from pipeline.metrics import LATENCY_BUCKETS_S, Metrics, OpsServer
+from pipeline.metrics import LATENCY_BUCKETS_S, Metrics
+from pipeline.ops_server import OpsServer
 from pipeline.settings import Settings
 
 EXPECTED_FAMILIES = {

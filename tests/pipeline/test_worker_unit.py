@@ -26,7 +26,7 @@ from pipeline.codec import DecodeLimits, decode_batch
 from pipeline.dlq import parse_dead_letter_headers
 from pipeline.errors import ConfigurationError, KafkaDeliveryError, PipelineError
 from pipeline.kafka_io import KafkaWorker
-from pipeline.metrics import OpsServer
+from pipeline.ops_server import OpsServer
 from pipeline.records import encode_predictions, prediction_records
 from pipeline.settings import Settings
 from pipeline.simulate_kafka import (
