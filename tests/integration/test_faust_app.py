@@ -304,7 +304,7 @@ def test_offset_guard_orders_skips_and_repairs(monkeypatch: pytest.MonkeyPatch) 
 
     from faust.types import TP
 
-    from pipeline.faust_app import OffsetGuard
+    from pipeline.faust_offsets import OffsetGuard
 
     tp, seeks = TP("in", 0), list[tuple[TP, int]]()
     holes: dict[int, int | None] = {9: 10}  # offset 9: a transaction marker
