@@ -71,13 +71,27 @@ class OperatorSettings:
     #: scale (per-channel variance) stops learning, so a slow or long anomaly is measured against the spread
     #: seen during commissioning instead of teaching the detector that it is normal.  With
     #: ``reference_level`` the per-channel level (mean) freezes too; otherwise it keeps following slow drift
-    #: (at ``stats_alpha``, and never inside an alert).
+    #: (at ``stats_alpha``, and never inside an alert).  The reference readings are commissioning data, assumed
+    #: normal: the statistics learn from every one of them, even while an alert is open.
     reference_events: int = 0
     reference_level: bool = False
-    #: Inside an alert, channels whose reading is still within ``hold_sigma`` of their level keep learning
-    #: (only the abnormal channels freeze), so a slowly drifting channel (a warming motor) cannot hold an
-    #: alert open after the incident ends.
+    #: Inside an alert, channels whose reading (smoothed, with ``level_smoothing``) is still within
+    #: ``hold_sigma`` of their level keep learning (only the abnormal channels freeze), so a slowly drifting
+    #: channel (a warming motor) cannot hold an alert open after the incident ends.
     learn_calm_channels: bool = False
+    #: Smoothed level rule (0 = off): the level rule (``level_sigma``, ``hold_sigma``, calm channels) reads an
+    #: exponential moving average of each channel (this weight per reading) instead of the raw reading, and
+    #: measures its distance from the level in the spread that this smoothed distance itself has on the
+    #: device (learnt like ``var``, and frozen with it by ``reference_events``).  Noise averages out but a
+    #: slow drift does not: a small persistent shift on a noisy channel stands out, while a channel that
+    #: wanders slowly is judged by how far it normally wanders.  Costs 2 float32 per channel of device state,
+    #: only when on (see :mod:`operators.smoothed_level`).
+    level_smoothing: float = 0.0
+    #: When an alert closes (calm again, or after ``max_alert_s``), every channel's level jumps to its current
+    #: (smoothed, with ``level_smoothing``) reading: the state the device is in after an incident becomes its
+    #: normal at once, instead of being learnt at ``stats_alpha`` while it keeps reopening alerts.  This
+    #: overrides ``reference_level`` at that moment; the reference spreads stay as they are.
+    rebase_on_close: bool = False
     #: Devices with no event for this long (event time, seconds) are evicted by ``evict_idle``.
     state_ttl_s: float = 24 * 3600.0
     #: Channels named in an alert: the ``top_channels`` with the largest standardised residuals.
@@ -102,6 +116,9 @@ class OperatorSettings:
                 raise ConfigError(msg)
         if not 0 < self.exit_ratio <= 1:
             msg = f"exit_ratio must be in (0, 1], got {self.exit_ratio}"
+            raise ConfigError(msg)
+        if not 0 <= self.level_smoothing < 1:
+            msg = f"level_smoothing must be in [0, 1), got {self.level_smoothing}"
             raise ConfigError(msg)
         if self.stats_alpha >= 1:
             msg = f"stats_alpha must be < 1, got {self.stats_alpha}"

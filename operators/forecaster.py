@@ -14,13 +14,24 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from operators.cells import build_cell
+from operators.cells import CfCCell, build_cell
+from operators.cells._common import DerivedWeights
 from operators.errors import ConfigError
 
 
 def _dt_feature(dt: torch.Tensor) -> torch.Tensor:
     """log1p of the gap in seconds, [B] -> [B, 1]; compresses gaps from ms to days into a small range."""
     return torch.log1p(torch.clamp(dt, min=0.0)).unsqueeze(1)
+
+
+def _features_columns(x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
+    """``[x; dt feature; 1]`` channels first, [C, B] and [B] -> [C + 2, B] (the ones row carries a bias)."""
+    c = x.shape[0]
+    out = torch.empty(c + 2, x.shape[1], dtype=x.dtype, device=x.device)
+    out[:c] = x
+    torch.log1p(torch.clamp(dt, min=0.0), out=out[c])  # as _dt_feature
+    out[c + 1] = 1.0
+    return out
 
 
 class Forecaster(nn.Module):
@@ -54,6 +65,7 @@ class Forecaster(nn.Module):
         self.cell = build_cell(cell, input_size=n_channels + 1, hidden_size=hidden_size, **self.cell_options)
         self.head = nn.Sequential(
             nn.Linear(hidden_size + n_channels + 1, head_units), nn.SiLU(), nn.Linear(head_units, 2 * n_channels))
+        self._head_weights = DerivedWeights()  # forecast_columns' split first layer
         # Start as persistence with unit spread: the correction and log-std outputs begin at zero.
         last = self.head[-1]
         if isinstance(last, nn.Linear):
@@ -78,6 +90,37 @@ class Forecaster(nn.Module):
         c = self.n_channels
         std = self.min_std + F.softplus(out[:, c:] + 0.5413)  # softplus(0.5413) = 1: unit std at init
         return x_last + out[:, :c], std
+
+    def advance_columns(self, h: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, out: torch.Tensor) -> None:
+        """:meth:`advance` in the step operator's layout: ``x`` [C, B] channels first, ``h`` and ``out`` [B, H]
+        rows (any row stride; ``out`` receives the new state)."""
+        xd = _features_columns(x, dt)
+        cell = self.cell
+        if isinstance(cell, CfCCell) and cell.serves_columns():
+            cell.serve_columns(xd, h, dt, out)
+        else:
+            out.copy_(cell(xd[:-1].t(), h, dt))
+
+    def forecast_columns(self, h: torch.Tensor, x_last: torch.Tensor,
+                         dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forecast` in the step operator's layout: ``h`` [B, H] rows (any row stride), ``x_last`` [C, B]
+        channels first; mean and std come back [C, B].  The head runs transposed, as two matmuls on the parts
+        of its input instead of one on a concatenated copy, the first bias inside the second matmul (against
+        a row of ones); float32 rounding aside, the same function."""
+        layers = tuple(self.head)  # (Sequential indexing costs more than the small matmuls below)
+        first, act, last = layers if len(layers) == 3 else (None, None, None)
+        if not (isinstance(first, nn.Linear) and isinstance(act, nn.SiLU) and isinstance(last, nn.Linear)):
+            mean, std = self.forecast(h, x_last.t(), dt)  # a head built otherwise (never by this class)
+            return mean.t(), std.t()
+        n_h, c = self.hidden_size, self.n_channels
+        w_h, w_x, b_out = self._head_weights.get([first.weight, first.bias, last.bias], lambda: [
+            first.weight[:, :n_h].contiguous(), torch.cat([first.weight[:, n_h:], first.bias.unsqueeze(1)], dim=1),
+            last.bias.unsqueeze(1)])
+        a = torch.mm(w_h, h.t())
+        a.addmm_(w_x, _features_columns(x_last, dt))
+        out = torch.addmm(b_out, last.weight, F.silu(a, inplace=True))
+        std = self.min_std + F.softplus(out[c:] + 0.5413)
+        return x_last + out[:c], std
 
     def time_constants(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         """Effective time constant per neuron in seconds, for interpretability."""

@@ -15,14 +15,18 @@ CLIP_Z = 8.0
 
 
 def update_stats(mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor, x: torch.Tensor,
-                 alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 alpha: float, *, channels_first: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """New (mean, var) after seeing ``x``; ``count`` [B] is how many readings were seen before ``x``.
+
+    ``mean``/``var``/``x`` are [B, C], or [C, B] (or [B]) with ``channels_first`` (the step operator's layout).
 
     >>> m, v = update_stats(torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1), torch.tensor([[3.0]]), 0.1)
     >>> m.item(), v.item()
     (3.0, 0.0)
     """
-    w = torch.clamp(1.0 / (count.to(mean.dtype) + 1.0), min=alpha).unsqueeze(1)
+    w = torch.clamp(1.0 / (count.to(mean.dtype) + 1.0), min=alpha)
+    if not channels_first:
+        w = w.unsqueeze(1)
     delta = x - mean
     return mean + w * delta, (1.0 - w) * (var + w * delta * delta)
 

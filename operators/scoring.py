@@ -47,6 +47,11 @@ class AlertStep:
     in_alert: torch.Tensor  # bool [B]: an alert is open after this reading
     learn: torch.Tensor  # bool [B]: statistics may learn from this reading
 
+    @property
+    def closed(self) -> torch.Tensor:
+        """bool [B]: an alert was open at this reading and closed on it (``learn`` is False only while open)."""
+        return ~self.learn & ~self.in_alert
+
 
 class AnomalyScorer:
     """Scores readings and runs the alert state machine.
@@ -71,10 +76,12 @@ class AnomalyScorer:
     def __init__(self, settings: OperatorSettings) -> None:
         self.settings = settings
 
-    def score(self, x_z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score [B] and per-channel |standardised residual| [B, C] of normalised readings ``x_z``."""
+    def score(self, x_z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+              channel_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score [B] and per-channel |standardised residual| [B, C] of normalised readings ``x_z``
+        (``channel_dim=0``: inputs and residuals [C, B], channels first)."""
         z = ((x_z - mean) / std).abs()
-        return z.amax(dim=1), z
+        return z.amax(dim=channel_dim), z
 
     def threshold(self, score_mean: torch.Tensor, score_var: torch.Tensor) -> torch.Tensor:
         s = self.settings

@@ -16,6 +16,7 @@ operators.errors.InputError: dt must have shape [B] = [2] (one step per row, sec
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -95,3 +96,34 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
     True
     """
     return y + torch.log(-torch.expm1(-y))
+
+
+class DerivedWeights:
+    """Tensors derived from parameters (scaled, concatenated) for a serving path, rebuilt only on change.
+
+    The key is every source parameter's in-place version counter and storage address, so an optimiser
+    step, ``load_state_dict`` or a move to another device rebuilds them, and a steady serving loop pays no
+    tensor op for them.  With autograd on, they are built fresh each call (so gradients flow).
+
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.ones(2))
+    >>> cache = DerivedWeights()
+    >>> with torch.no_grad():
+    ...     first = cache.get([w], lambda: [w * 2])
+    ...     _ = w.add_(1.0)
+    ...     second = cache.get([w], lambda: [w * 2])
+    >>> first[0].tolist(), second[0].tolist()
+    ([2.0, 2.0], [4.0, 4.0])
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[int, int], ...] | None = None
+        self._value: list[torch.Tensor] = []
+
+    def get(self, params: Sequence[torch.Tensor], build: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+        if torch.is_grad_enabled():
+            return build()
+        key = tuple((p._version, p.data_ptr()) for p in params)
+        if key != self._key:
+            self._value, self._key = build(), key
+        return self._value

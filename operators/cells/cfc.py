@@ -21,7 +21,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from operators.cells._common import check_pair, check_sizes, check_step
+from operators.cells._common import DerivedWeights, check_pair, check_sizes, check_step
 from operators.cells.base import ContinuousCell
 from operators.errors import ConfigError
 
@@ -116,6 +116,7 @@ class CfCCell(ContinuousCell):
         if self.mode == "pure":
             self.w_tau = nn.Parameter(torch.zeros(self.hidden_size))
             self.A = nn.Parameter(torch.ones(self.hidden_size))
+        self._column_weights = DerivedWeights()
 
     def _heads(self, x: torch.Tensor, h: torch.Tensor) -> list[torch.Tensor]:
         z: torch.Tensor = self.backbone(torch.cat((x, h), dim=1))
@@ -164,6 +165,60 @@ class CfCCell(ContinuousCell):
         ff = out[:, : 2 * n].tanh_()
         gate = torch.addcmul(out[:, 3 * n :], out[:, 2 * n : 3 * n], t).sigmoid_()
         return torch.lerp(ff[:, :n], ff[:, n:], gate)
+
+    def serves_columns(self) -> bool:
+        """Whether :meth:`serve_columns` computes this cell (default mode, at least one backbone layer)."""
+        return self.mode == "default" and self.backbone_layers > 0 and not self.training
+
+    def serve_columns(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """:meth:`_serve` for the step operator's layout; writes the new state [B, H] into ``out`` and returns it.
+
+        ``x`` is ``[input_size + 1, B]``, features first, its last row all ones (the bias row); ``h`` and ``out``
+        are ``[B, H]`` rows with any row stride (column views of the state store's packed blocks).  Everything
+        runs transposed, features first: the first layer reads ``h`` and ``x`` through two matmuls instead of a
+        concatenated copy, every bias rides in a matmul as a column against a row of ones (no broadcast copy of
+        the bias per row), and the gate's elementwise work runs on contiguous rows.  Same function as
+        :meth:`forward` (float32 rounding aside).
+        """
+        lecun = self.backbone_activation == "lecun_tanh"
+        weights = self._column_weights.get(list(self.parameters()), self._build_column_weights)
+        batch = h.shape[0]
+        v = x
+        for k, w in enumerate(weights[1:-1]):  # [units, width + 1] per layer, bias last (first: x part only)
+            units = w.shape[0]
+            nxt = torch.empty(units + 1, batch, dtype=x.dtype, device=x.device)
+            nxt[units] = 1.0  # the next matmul's bias row
+            if k == 0:  # reads concat(x, h): one matmul per part
+                torch.mm(weights[0], h.t(), out=nxt[:units])
+                nxt[:units].addmm_(w, x)
+            else:
+                torch.mm(w, v, out=nxt[:units])
+            if lecun:
+                nxt[:units].tanh_()
+            else:
+                torch.nn.functional.silu(nxt[:units], inplace=True)
+            v = nxt
+        o = torch.mm(weights[-1], v)  # [4H, B]
+        n = self.hidden_size
+        ff = o[: 2 * n].tanh_()
+        gate = o[3 * n :].addcmul_(o[2 * n : 3 * n], dt.clamp(min=0.0).unsqueeze(0)).sigmoid_()
+        # Contiguous, then one transposed copy: lerp writing straight into the strided rows is 2x slower.
+        return out.copy_(torch.lerp(ff[:n], ff[n:], gate).t())
+
+    def _build_column_weights(self) -> list[torch.Tensor]:
+        """:meth:`serve_columns`' weights: the first layer's ``h`` part, then per layer ``[W | b]`` (the first
+        layer's ``x`` part), then the heads' ``[W | b]``; LeCun tanh's scales folded in as in :meth:`_serve`."""
+        pre = 0.666 if self.backbone_activation == "lecun_tanh" else 1.0
+        carry, n_in, out = 1.0, self.input_size, []
+        for k, layer in enumerate(layer for layer in self.backbone if isinstance(layer, nn.Linear)):
+            w = torch.cat([layer.weight * carry, layer.bias.unsqueeze(1)], dim=1) * pre  # bias as a last column
+            if k == 0:
+                out.append(w[:, n_in : n_in + self.hidden_size].contiguous())
+                w = torch.cat([w[:, :n_in], w[:, -1:]], dim=1)
+            out.append(w)
+            carry = 1.7159 if pre != 1.0 else 1.0
+        out.append(torch.cat([self.heads.weight * carry, self.heads.bias.unsqueeze(1)], dim=1))
+        return out
 
     def time_constants(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """Seconds, ``[B, hidden_size]``: ``1 / |time_a|`` (gate time scale), pure: ``1 / (|w_tau| + |ff1|)``.

@@ -406,3 +406,29 @@ def test_cfc_serving_path_matches_autograd_path(kwargs: dict[str, Any], device: 
         served = cell(x, h, dt)
     assert not served.requires_grad
     assert_close(served, reference.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"backbone_activation": "silu"}, {"backbone_layers": 2},
+                                    {"backbone_dropout": 0.3}])
+def test_cfc_column_serving_matches_autograd_path(kwargs: dict[str, Any], device: str) -> None:
+    """The step operator's layout (features first in, rows with a row stride out) computes the same function,
+    and follows an in-place change of the weights (its derived weights are cached)."""
+    torch.manual_seed(4)
+    cell = CfCCell(input_size=3, hidden_size=5, backbone_units=7, **kwargs).to(device).eval()
+    assert cell.serves_columns()
+    x, dt = torch.randn(9, 3, device=device), torch.tensor([0.0, 1e-3, 0.1, 0.5, 1.0, 3.0, 60.0, 1e4, -1.0],
+                                                           device=device)
+    rows = torch.randn(9, 12, device=device)  # h is a column view with a row stride, as in the state store
+    x_cols = torch.cat([x.t(), torch.ones(1, 9, device=device)])  # features first, plus the bias row
+    for _ in range(2):
+        with torch.no_grad():
+            for p in cell.parameters():
+                p.add_(0.3 * torch.randn_like(p))  # in place: the second round must see the new weights
+        with torch.enable_grad():
+            reference = cell(x, rows[:, 2:7], dt).detach()
+        out = torch.full((9, 12), float("nan"), device=device)
+        with torch.no_grad():
+            served = cell.serve_columns(x_cols, rows[:, 2:7], dt, out[:, 4:9])
+        assert_close(served, reference, rtol=1e-5, atol=1e-6)
+        assert_close(out[:, 4:9], reference, rtol=1e-5, atol=1e-6)
+        assert torch.isnan(out[:, :4]).all() and torch.isnan(out[:, 9:]).all()  # nothing written outside out

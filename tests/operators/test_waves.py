@@ -303,3 +303,16 @@ def test_out_of_order_batch_equals_in_order_stream() -> None:
         assert shuffled.status[j] == st_
         np.testing.assert_allclose(shuffled.forecast[j], f, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(shuffled.score[j], sc, rtol=1e-5, atol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("scale", [1, 70_000])
+def test_row_time_order_matches_lexsort(scale: int) -> None:
+    """The radix fast path (rows beyond 16 bits included) and its fallback give the lexsort's order."""
+    from operators.waves import _by_row_then_time
+
+    rng = np.random.default_rng(5)
+    rows = rng.integers(0, 300, 2000) * scale
+    in_order = np.sort(rng.integers(0, 10**6, 2000))  # arrival order = event-time order
+    shuffled = rng.integers(0, 10**6, 2000)
+    for ts in (in_order, shuffled, np.zeros(2000, np.int64)):
+        np.testing.assert_array_equal(_by_row_then_time(rows, ts), np.lexsort((np.arange(2000), ts, rows)))
