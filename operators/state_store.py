@@ -2,35 +2,11 @@
 
 Why columnar: the step operator gathers the rows of every device in a wave with one index operation and
 scatters the new states back with another, so a wave of 10,000 devices costs one cell call, not 10,000.
-Fields (per device row):
-
-==================  ===============  =====================================================================
-field               dtype / shape    meaning
-==================  ===============  =====================================================================
-``h``               float32 [H]      hidden state of the cell
-``x_last``          float32 [C]      last applied reading, raw units
-``mean``, ``var``   float32 [C]      running per-channel normalisation of this device (raw units)
-``score_mean/var``  float32          running statistics of the device's anomaly score
-``gap_ema``         float32          smoothed gap between readings, seconds (the forecast horizon)
-``z2_fast``         float32          short running mean of squared calibrated residuals (sustained deviation)
-``calib``           float32 [C]      long running mean of squared standardised residuals per channel: the
-                                     device's own calibration of the model's predicted variance
-``alert_open``      bool             an alert is open on this device
-``alert_since_ms``  int64            event time the open alert began, epoch ms
-``cooldown_ms``     int64            no new alert before this event time, epoch ms
-``calm``            int32            consecutive calm readings while an alert is open (hysteresis)
-``stuck``           int16 [C]        consecutive exactly-repeated values per channel
-``last_ts_ms``      int64 (host)     event time of the last applied reading, epoch ms
-``count``           int32 (host)     readings applied so far
-==================  ===============  =====================================================================
-
-``last_ts_ms`` and ``count`` live in numpy on the host because the event-time policies run there; the
-rest lives on the compute device.
+The fields and their meaning are in :mod:`operators.state_fields`.
 """
 
 from __future__ import annotations
 
-import ctypes
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -38,56 +14,11 @@ import torch
 
 from operators.device_index import DeviceIndex
 from operators.state_codec import decode_snapshot, encode_snapshot
+from operators.state_fields import GROWTH, HOST_FIELDS, ONE_FIELDS, TORCH_FIELDS, return_freed_memory
 
-_TORCH_FIELDS: tuple[tuple[str, torch.dtype, str], ...] = (
-    # (name, dtype, shape kind: "H" hidden, "C" channels, "" scalar)
-    ("h", torch.float32, "H"),
-    ("x_last", torch.float32, "C"),
-    ("mean", torch.float32, "C"),
-    ("var", torch.float32, "C"),
-    ("score_mean", torch.float32, ""),
-    ("score_var", torch.float32, ""),
-    ("gap_ema", torch.float32, ""),
-    ("z2_fast", torch.float32, ""),
-    ("calib", torch.float32, "C"),
-    ("alert_open", torch.bool, ""),
-    ("alert_since_ms", torch.int64, ""),
-    ("cooldown_ms", torch.int64, ""),
-    ("calm", torch.int32, ""),
-    ("stuck", torch.int16, "C"),
-)
-#: Fields whose neutral value is 1 (variances and residual energies), so nothing divides by zero.
-_ONE_FIELDS = frozenset({"var", "z2_fast", "calib"})
-_HOST_FIELDS: tuple[tuple[str, type[np.generic]], ...] = (("last_ts_ms", np.int64), ("count", np.int32))
 #: On the CPU, blocks at least this many columns wide are scattered by numpy's row assignment: half the time
 #: of ``index_copy_`` for the float32 block (100 columns, 10,000 rows); narrower blocks are faster in torch.
 _NUMPY_SCATTER_WIDTH = 32
-#: Capacity grows by this factor (at least): 1.125 keeps the unused tail small (1/16 of the rows on
-#: average) at the price of more, still amortised O(1), copies while devices arrive.
-GROWTH = 1.125
-
-
-def _return_freed_memory() -> None:
-    """Hand the blocks freed by a growth back to the OS (glibc keeps them in its heap otherwise).
-
-    glibc raises its mmap threshold to the size of each freed mmap'd block (up to 32 MiB), so after a
-    few growths the old blocks are heap memory that stays resident: measured 621 instead of 504 bytes
-    per device at 100k devices.  ``malloc_trim`` costs milliseconds and runs only when the store grows.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim.argtypes = [ctypes.c_size_t]
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
-        return None
-    return libc
-
-
-_LIBC = _load_libc()
 
 
 class DeviceStateStore:
@@ -122,8 +53,8 @@ class DeviceStateStore:
         self.columns: dict[str, tuple[int, int]] = {}  # field -> (start, stop) column in its dtype's block
         widths: dict[torch.dtype, int] = {}
         # Fields an operator option needs (e.g. operators.smoothed_level) join the blocks, the snapshots and
-        # their layout check; zero-initialised.  Without options the layout is exactly _TORCH_FIELDS.
-        self._fields = _TORCH_FIELDS + tuple(extra_fields)
+        # their layout check; zero-initialised.  Without options the layout is exactly TORCH_FIELDS.
+        self._fields = TORCH_FIELDS + tuple(extra_fields)
         self._kind = {name: (dtype, kind) for name, dtype, kind in self._fields}
         for name, dtype, kind in self._fields:
             start = widths.get(dtype, 0)
@@ -156,14 +87,14 @@ class DeviceStateStore:
         self._views()
         if old:
             self._index.grow(capacity)
-        for hname, ndtype in _HOST_FIELDS:
+        for hname, ndtype in HOST_FIELDS:
             hfresh = np.zeros(capacity, dtype=ndtype)
             if old:
                 hfresh[:old] = self.host[hname]
             self.host[hname] = hfresh
         self._reset(np.arange(old, capacity, dtype=np.int64))
         if old:
-            _return_freed_memory()
+            return_freed_memory()
 
     def _reset(self, rows: np.ndarray) -> None:
         """Put rows back to the state of a device never seen."""
@@ -172,9 +103,9 @@ class DeviceStateStore:
         idx = torch.as_tensor(rows, device=self.device)
         for block in self.blocks.values():
             block.index_fill_(0, idx, 0)
-        for name in _ONE_FIELDS:
+        for name in ONE_FIELDS:
             self.tensors[name][idx] = 1
-        for hname, _ in _HOST_FIELDS:
+        for hname, _ in HOST_FIELDS:
             self.host[hname][rows] = 0
 
     @property
@@ -286,7 +217,7 @@ class DeviceStateStore:
             start, stop = self.columns[name]
             col = gathered[dtype][:, start:stop]
             arrays[name] = col if kind else col[:, 0]
-        arrays.update({name: self.host[name][rows] for name, _ in _HOST_FIELDS})
+        arrays.update({name: self.host[name][rows] for name, _ in HOST_FIELDS})
         return encode_snapshot(ids, arrays, hidden_size=self.hidden_size, n_channels=self.n_channels)
 
     def restore(self, blob: bytes) -> list[str]:
@@ -294,11 +225,11 @@ class DeviceStateStore:
         ids, arrays = decode_snapshot(blob, hidden_size=self.hidden_size, n_channels=self.n_channels,
                                       expected={n: (np.dtype(str(d).replace("torch.", "")), k)
                                                 for n, d, k in self._fields}
-                                      | {n: (np.dtype(t), "") for n, t in _HOST_FIELDS})
+                                      | {n: (np.dtype(t), "") for n, t in HOST_FIELDS})
         rows, _ = self.rows_for(ids)
         idx = torch.as_tensor(rows, device=self.device)
         for name, _, _ in self._fields:
             self.tensors[name][idx] = torch.as_tensor(arrays[name], device=self.device)
-        for hname, _ in _HOST_FIELDS:
+        for hname, _ in HOST_FIELDS:
             self.host[hname][rows] = arrays[hname]
         return ids

@@ -20,7 +20,8 @@ import torch
 
 from operators.errors import StateFormatError
 from operators.state_codec import FORMAT_VERSION, MAGIC, encode_snapshot
-from operators.state_store import GROWTH, DeviceStateStore
+from operators.state_fields import GROWTH
+from operators.state_store import DeviceStateStore
 
 CUDA = torch.cuda.is_available()
 StoreFactory = Callable[..., DeviceStateStore]
