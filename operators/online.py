@@ -17,7 +17,6 @@ import copy
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -29,36 +28,12 @@ from operators.forecaster import Forecaster
 from operators.online_config import OnlineSettings
 from operators.operator import LiquidOperator
 from operators.replay_buffer import ReplayBuffer
-from operators.result import EventStatus
+from operators.result import EventStatus, ObserveStats, UpdateDecision
 from operators.training import MIN_HISTORY, State, Trainer, rollout_terms
 from operators.window_assembler import STATE_FIELDS, FullWindows, WindowAssembler
 
 #: Held-out windows evaluated per forward pass (bounds the evaluation's activation memory).
 _EVAL_CHUNK = 4096
-
-
-@dataclass(frozen=True)
-class UpdateDecision:
-    """What ``learn`` (or ``check_rollback``) decided; ``state_dict`` holds CPU tensors when accepted."""
-
-    accepted: bool
-    reason: str  # accepted | buffer_too_small | no_improvement | drift_exceeded | no_terms | rollback
-    state_dict: dict[str, torch.Tensor] | None
-    figures: dict[str, float] = field(default_factory=dict)
-    version: str | None = None  # rollback: the version of the weights handed back
-
-
-@dataclass(frozen=True)
-class ObserveStats:
-    """Counts of one ``observe`` call."""
-
-    events: int
-    applied: int  # applied by the shadow operator (first or ok)
-    learnable: int  # applied and let through by the alert guard
-    windows_completed: int
-    windows_kept: int  # went to the buffer (training or held out)
-    windows_dropped: int  # too many masked readings, or no loss term
-    buffer_windows: int
 
 
 class OnlineLearner:

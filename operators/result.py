@@ -1,4 +1,5 @@
-"""Columnar output of one :meth:`LiquidOperator.process` call."""
+"""What the operators' verbs return: the columnar output of one :meth:`LiquidOperator.process` call, and the
+counts and decisions of :class:`~operators.online.OnlineLearner`'s ``observe`` and ``learn``."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
+import torch
 
 
 class EventStatus(IntEnum):
@@ -82,3 +84,27 @@ class StepResult:
         z = np.zeros(0, np.float32)
         return cls(np.zeros(0, np.int8), np.zeros(0, bool), f, f.copy(), z, z.copy(), z.copy(),
                    np.zeros(0, bool), np.zeros(0, np.int64))
+
+
+@dataclass(frozen=True)
+class UpdateDecision:
+    """What ``learn`` (or ``check_rollback``) decided; ``state_dict`` holds CPU tensors when accepted."""
+
+    accepted: bool
+    reason: str  # accepted | buffer_too_small | no_improvement | drift_exceeded | no_terms | rollback
+    state_dict: dict[str, torch.Tensor] | None
+    figures: dict[str, float] = field(default_factory=dict)
+    version: str | None = None  # rollback: the version of the weights handed back
+
+
+@dataclass(frozen=True)
+class ObserveStats:
+    """Counts of one ``observe`` call."""
+
+    events: int
+    applied: int  # applied by the shadow operator (first or ok)
+    learnable: int  # applied and let through by the alert guard
+    windows_completed: int
+    windows_kept: int  # went to the buffer (training or held out)
+    windows_dropped: int  # too many masked readings, or no loss term
+    buffer_windows: int
