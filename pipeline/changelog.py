@@ -115,10 +115,10 @@ def changelog_records(layout: StateLayout, store: DeviceStateStore, devices: Map
                       commits: Mapping[TopicPart, int], topic: str, model_version: str) -> list[OutRecord]:
     """The state of each device of ``devices`` (id -> input partition) plus one progress record per
     partition of ``commits`` (-> next input offset), each pinned to its input partition's number."""
-    out = []
+    out, headers = [], {tp: _headers(*tp, offset, model_version) for tp, offset in commits.items()}
     for device, blob in layout.split(store.snapshot(list(devices))):  # snapshot skips unknown ids
-        t, p = devices[device]
-        out.append(OutRecord(topic, device.encode(), blob, _headers(t, p, commits[(t, p)], model_version), p))
+        tp = devices[device]  # one headers list per partition, shared by its records (nothing mutates them)
+        out.append(OutRecord(topic, device.encode(), blob, headers[tp], tp[1]))
     for (t, p), offset in sorted(commits.items()):
         value = json.dumps({"topic": t, "partition": p, "offset": offset}).encode()
         out.append(OutRecord(topic, PROGRESS_KEY, value, _headers(t, p, offset, model_version), p))

@@ -1,20 +1,21 @@
 """The Kafka side of ``liquidstream run``: consume a batch, process it, make it durable, repeat.
 
 Per batch: ``consume`` -> :func:`~pipeline.worker.handle_batch` -> changelog records of its devices -> the
-:mod:`~pipeline.transactions` committer.  An aborted transaction is rewound: the batch's devices get their
-pre-batch state back and the consumer seeks to the batch's first offsets, so it runs again on that state.
+committer (:mod:`~pipeline.transactions`; :mod:`~pipeline.at_least_once` overlaps deliveries and offset commits
+with the next batches, settled on an idle turn, a revocation, a stop).  An aborted transaction is rewound: the
+batch's devices get their pre-batch state back and the consumer seeks to the batch's first offsets.
 
 On assignment (in the rebalance callback: before any of the partitions' messages is fetched) the worker
 fetches the group's committed offsets (stable: pending transactions resolved first) and restores the
 partitions' devices from the changelog (:attr:`KafkaWorker.ready` False meanwhile); revoked partitions'
-devices are dropped after their last commit (each batch commits before the next ``consume``): see
+devices are dropped after their last commit (the revoke callback settles what is pending first): see
 :mod:`pipeline.rebalance`.  Metrics, liveness and readiness go through :class:`~pipeline.worker_ops.WorkerOps`,
 served over HTTP on ``metrics_port`` when ``serve_ops`` (``liquidstream run``; not unit tests' fake clients).
 
 Model updates (when ``settings.follows_model_updates``): a :class:`~pipeline.model_updates.ModelFollower` is
-polled at the top of every loop turn, i.e. after the previous batch committed (or aborted and rewound) and
-before the next ``consume``: a verified update swaps the operator's model there, never inside a batch or an
-open transaction, and every prediction records the version that made it.  Device state is kept across a swap.
+polled at the top of every loop turn, i.e. after the previous batch was handed to the committer (exactly-once:
+committed, or aborted and rewound) and before the next ``consume``: a verified update swaps the operator's model
+there, never inside a batch or an open transaction; every prediction records its version.  State is kept.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from operators.operator import LiquidOperator
 from pipeline import changelog as cl
 from pipeline import transactions as tx
 from pipeline import worker as step
+from pipeline.at_least_once import AtLeastOnce
 from pipeline.codec import DecodeLimits
 from pipeline.errors import PipelineError
 from pipeline.model_updates import ModelFollower
@@ -53,8 +55,7 @@ class KafkaWorker(Rebalancing):
                  consumer: Consumer | None = None, producer: Producer | None = None, serve_ops: bool = False,
                  ops: WorkerOps | None = None, updates: ModelFollower | None = None) -> None:
         """``consumer``/``producer``/``updates`` replace the clients built from ``settings`` (tests);
-        ``serve_ops``: serve ``/metrics``, ``/healthz``, ``/readyz`` on ``settings.metrics_port`` while
-        :meth:`run` runs."""
+        ``serve_ops``: serve ``/metrics``, ``/healthz``, ``/readyz`` on ``settings.metrics_port`` in :meth:`run`."""
         self.settings, self.operator, self.worker_id = settings, operator, worker_id
         self.ops, self.serve_ops = ops or WorkerOps(settings), serve_ops
         self.eos = settings.guarantee == "exactly_once"
@@ -67,24 +68,23 @@ class KafkaWorker(Rebalancing):
             tx.producer_config(settings, txn_id if self.eos else None), stats=False))
         self._assigned: set[TopicPart] = set()  # shared with the at-least-once committer: mutate in place
         self.committer: tx.Committer = tx.ExactlyOnce(self.producer, self.consumer, txn_id) if self.eos else \
-            tx.AtLeastOnce(self.producer, self.consumer, self._assigned, settings.group_id)
+            AtLeastOnce(self.producer, self.consumer, self._assigned, settings.group_id,
+                        pipelined=settings.pipelined_commits)
         self._replayed: dict[TopicPart, int] = {}  # offsets below this are already in the restored state
-        self._restoring: set[TopicPart] = set()
+        self._restoring, self._warned = set[TopicPart](), dict[int, float]()
         self._restorer: Consumer | None = None
-        self._stop_reason: str | None = None
+        self._stop_reason: str | None = None  # why run() stops (signal, idle); None while running
         self._last_activity = self._last_stats = time.monotonic()
-        self._warned: dict[int, float] = {}
         self._joined, self._aborts_in_row = False, 0
         self.updates = updates if updates is not None or not settings.follows_model_updates else \
             ModelFollower(settings, self.ops.metrics)
 
     def stop(self, signum: int | None = None, _frame: object = None) -> None:
-        """Signal handler: finish the current batch, commit it, close, exit 0."""
+        """Signal handler: finish the current batch, commit it (and any still in flight), close, exit 0."""
         self._stop_reason = f"signal {signum}" if signum is not None else "stop requested"
 
     def run(self) -> int:
-        s = self.settings
-        code, batch = 0, list[Message]()
+        s, code, batch = self.settings, 0, list[Message]()
         try:
             self.ops.set_model_version(self.operator.model_version)
             if self.serve_ops:
@@ -108,10 +108,14 @@ class KafkaWorker(Rebalancing):
                                                          timeout=s.batch_max_ms / 1000.0))
                 if batch:
                     self._handle(batch)
-                elif s.exit_when_idle_s is not None and \
-                        time.monotonic() - self._last_activity >= s.exit_when_idle_s:
-                    self._stop_reason = f"idle for {s.exit_when_idle_s} s"
+                else:
+                    self.committer.settle()  # no input now: what is in flight needs no next batch to commit
+                    if s.exit_when_idle_s is not None and \
+                            time.monotonic() - self._last_activity >= s.exit_when_idle_s:
+                        self._stop_reason = f"idle for {s.exit_when_idle_s} s"
                 self._maybe_log_stats()
+            batch = []
+            self.committer.settle()  # stopping: the batches handed over become durable (errors exit 2)
         except (PipelineError, KafkaException) as ex:
             log.error("stopping: %s (batch %s not committed)", ex, step.describe_range(batch))
             code = 2
@@ -171,14 +175,20 @@ class KafkaWorker(Rebalancing):
                                 self.worker_id, before_process=undo.take if self.eos else None)
         changelog = cl.changelog_records(self.layout, self.operator.store, out.device_partitions, out.commits,
                                          self.settings.changelog, self.operator.model_version)
-        if not self.committer.commit(out.records, changelog, out.commits):
+        spent: list[float] = []  # seconds from decode to hand-over (at-least-once: durable a batch or two later)
+
+        def done() -> None:  # the batch is durable; its busy time ends at its commit or at its hand-over
+            seconds = spent[0] if spent else time.monotonic() - t0
+            self.stats.add(out, seconds)
+            self.ops.batch_done(out, seconds, len(self.operator.store))
+            self._last_activity = time.monotonic()
+
+        if not self.committer.commit(out.records, changelog, out.commits, done):
             self._rewind(batch, undo)
             return
         self._aborts_in_row = 0
         self.registry.note(out.device_partitions)
-        self.stats.add(out, time.monotonic() - t0)
-        self.ops.batch_done(out, time.monotonic() - t0, len(self.operator.store))
-        self._last_activity = time.monotonic()
+        spent.append(time.monotonic() - t0)
 
     def _rewind(self, batch: list[Message], undo: StateUndo) -> None:
         """After an abort: the batch's devices as before it, the consumer back at its first offsets."""
@@ -202,7 +212,7 @@ class KafkaWorker(Rebalancing):
     # ------------------------------------------------------------------ housekeeping
     def _close(self, code: int) -> None:
         log.info("shutting down (%s)", self._stop_reason or f"exit code {code}")
-        self.committer.close()  # aborts a transaction left open by an error
+        self.committer.close()  # aborts a transaction left open by an error; at-least-once: settles
         try:
             self.consumer.close()  # leaves the group; the revoke callback commits anything deferred
         except KafkaException as ex:
@@ -211,9 +221,8 @@ class KafkaWorker(Rebalancing):
             log.error("%d output record(s) not delivered at shutdown", left)
         if self._restorer is not None:
             self._restorer.close()
-        final = self.stats.as_dict() | {"final": True, "exit_code": code, "worker": self.worker_id,
-                                        "guarantee": self.settings.guarantee,
-                                        "model_version": self.operator.model_version}
+        final = self.stats.as_dict() | {"final": True, "exit_code": code, "worker": self.worker_id, "guarantee":
+                                        self.settings.guarantee, "model_version": self.operator.model_version}
         if self.updates is not None:
             self.updates.close()
             final["model_updates"] = self.updates.stats()

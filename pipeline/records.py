@@ -81,6 +81,7 @@ def _json_numbers(values: np.ndarray) -> list[bytes]:
 _PREDICTION = (b'{"device_id":%b,"ts":%d,"forecast":[%b],"forecast_std":[%b],"forecast_ts":%d,"horizon_s":%b,'
                b'"score":%b,"threshold":%b,"is_alert":%b,"status":"%b","model_version":%b')
 _SOURCE = b',"source":{"topic":%b,"partition":%d,"offset":%d}}'
+_WITH_SOURCE = _PREDICTION + _SOURCE  # one formatting per record, not a format and a concatenation
 
 
 def encode_predictions(device_ids: Sequence[str], result: StepResult, model_version: str,
@@ -110,7 +111,8 @@ def encode_predictions(device_ids: Sequence[str], result: StepResult, model_vers
     columns = zip(applied.tolist(), result.ts_ms[applied].tolist(), _json_numbers(forecast), _json_numbers(std),
                   result.forecast_ts_ms[applied].tolist(), _json_numbers(horizon),
                   _json_numbers(result.score[applied]), _json_numbers(result.threshold[applied]),
-                  result.is_alert[applied].tolist(), labels.tolist(), finite, strict=True)
+                  result.is_alert[applied].tolist(), [label.encode() for label in labels.tolist()], finite,
+                  strict=True)
     out: list[tuple[int, bytes | None]] = []
     for i, ts, fc, sd, fts, hz, score, thr, is_alert, status, ok in columns:
         if not ok:
@@ -124,16 +126,16 @@ def encode_predictions(device_ids: Sequence[str], result: StepResult, model_vers
             except TypeError:  # a lone surrogate: only the checking encoder words that error
                 out.append((i, None))
                 continue
-        head = _PREDICTION % (did, ts, fc, sd, fts, hz, score, thr, b"true" if is_alert else b"false",
-                              status.encode(), version)
+        alert = b"true" if is_alert else b"false"
         if sources is None:
-            out.append((i, head + b"}"))
+            out.append((i, _PREDICTION % (did, ts, fc, sd, fts, hz, score, thr, alert, status, version) + b"}"))
             continue
         topic, partition, offset = sources[i]
         tj = topics.get(topic)
         if tj is None:
             tj = topics[topic] = orjson.dumps(topic)
-        out.append((i, head + _SOURCE % (tj, partition, offset)))
+        out.append((i, _WITH_SOURCE % (did, ts, fc, sd, fts, hz, score, thr, alert, status, version, tj, partition,
+                                       offset)))
     return out
 
 

@@ -7,7 +7,8 @@ none of it, and its offsets commit with it.  One producer per process suffices: 
 member that lost its partitions.  An abortable error aborts and ``commit`` returns False (the caller rewinds);
 fencing and fatal errors raise :class:`PipelineError` (the worker exits non-zero).
 
-:class:`AtLeastOnce`: produce the outputs, flush; produce the changelog, flush; commit the offsets.
+:class:`~pipeline.at_least_once.AtLeastOnce` (its own module): outputs acknowledged, then the changelog, then the
+offsets committed, pipelined across batches.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ TXN_RETRIES = 5  # tries of a transactional call that failed retriably
 #: group's offset fetch until then, unless a worker with its transactional id starts first.
 TRANSACTION_TIMEOUT_MS = 30_000
 _FENCED = frozenset(getattr(KafkaError, n) for n in ("_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH"))
-_RETRY_COMMIT = frozenset(getattr(KafkaError, name) for name in (  # commit again later, don't stop
+RETRY_COMMIT = frozenset(getattr(KafkaError, name) for name in (  # commit again later, don't stop
     "REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REQUEST_TIMED_OUT", "_TIMED_OUT",
     "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR", "COORDINATOR_LOAD_IN_PROGRESS", "_TRANSPORT", "_WAIT_COORD"))
 
@@ -82,15 +83,18 @@ class DeliveryTracker:
 
 
 def produce_all(producer: Producer, records: Sequence[OutRecord], tracker: DeliveryTracker) -> None:
+    # Positional arguments (topic, value, key, partition, on_delivery; -1: by key), keywords only for headers:
+    # parsing keyword arguments costs about a microsecond per record (measured: 3.1 -> 2.0 us per produce).
     produce = producer.produce
     for i, (topic, key, value, rec_headers, partition) in enumerate(records):
         headers = cast("_Headers | None", rec_headers)  # the same list: bytes values are str | bytes values
+        where = -1 if partition is None else partition
         while True:
             try:
-                if partition is None:  # most records: keyed predictions, no headers
-                    produce(topic, value, key, headers=headers, on_delivery=tracker)
+                if headers is None:  # most records: keyed predictions
+                    produce(topic, value, key, where, tracker)
                 else:
-                    produce(topic, value, key, headers=headers, on_delivery=tracker, partition=partition)
+                    produce(topic, value, key, where, tracker, headers=headers)
                 break
             except BufferError:  # local queue full: serve delivery reports until there is room
                 producer.poll(0.05)
@@ -118,8 +122,12 @@ class Committer:
         """Called once before subscribing."""
 
     def commit(self, outputs: Sequence[OutRecord], changelog: Sequence[OutRecord],
-               offsets: dict[TopicPart, int]) -> bool:
+               offsets: dict[TopicPart, int], done: Callable[[], None] | None = None) -> bool:
+        """Hand a batch over; ``done`` runs once it is durable (before this returns, or from a later call)."""
         raise NotImplementedError
+
+    def settle(self) -> None:
+        """Make every batch handed over so far durable now (idle loop turn, shutdown)."""
 
     def before_revoke(self) -> None:
         """Called in the revoke callback while the partitions are still ours."""
@@ -145,7 +153,7 @@ class ExactlyOnce(Committer):
         log.info("exactly-once: transactional.id %s ready", self.txn_id)
 
     def commit(self, outputs: Sequence[OutRecord], changelog: Sequence[OutRecord],
-               offsets: dict[TopicPart, int]) -> bool:
+               offsets: dict[TopicPart, int], done: Callable[[], None] | None = None) -> bool:
         where = describe_offsets(offsets)
         try:
             self._call(self.producer.begin_transaction, "begin_transaction", where, tries=1)
@@ -164,6 +172,8 @@ class ExactlyOnce(Committer):
             self.abort(where)
             return False
         self._done()
+        if done is not None:
+            done()
         return True
 
     def abort(self, where: str) -> None:
@@ -205,52 +215,3 @@ class ExactlyOnce(Committer):
 
 class _Abortable(Exception):
     """Internal signal, never leaves this module: the transaction must be aborted (message: why)."""
-
-
-class AtLeastOnce(Committer):
-    """Produce and flush the outputs, then the changelog, then commit the offsets (synchronously)."""
-
-    def __init__(self, producer: Producer, consumer: Consumer, assigned: set[TopicPart], group: str) -> None:
-        self.producer, self.consumer, self.assigned, self.group = producer, consumer, assigned, group
-        self.tracker = DeliveryTracker()
-        self._uncommitted: dict[TopicPart, int] = {}  # delivered but not yet committed (retriable failure)
-
-    def commit(self, outputs: Sequence[OutRecord], changelog: Sequence[OutRecord],
-               offsets: dict[TopicPart, int]) -> bool:
-        produce_all(self.producer, outputs, self.tracker)
-        flush_checked(self.producer, self.tracker)
-        if changelog:
-            produce_all(self.producer, changelog, self.tracker)
-            flush_checked(self.producer, self.tracker)
-        self._commit(offsets)
-        return True
-
-    def _commit(self, offsets: dict[TopicPart, int]) -> None:
-        pending = self._uncommitted | offsets
-        pending = {tp: o for tp, o in pending.items() if tp in self.assigned}  # a revoked one is not ours
-        self._uncommitted = {}
-        if not pending:
-            return
-        where = describe_offsets(pending)
-        try:
-            result = self.consumer.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in pending.items()],
-                                          asynchronous=False)
-            errors = [(tp.topic, tp.partition, tp.error) for tp in result if tp.error is not None]
-        except KafkaException as ex:
-            errors = [(t, p, ex.args[0]) for t, p in pending]
-        for topic, partition, err in errors:
-            if not isinstance(err, KafkaError) or not (err.code() in _RETRY_COMMIT or err.retriable()):
-                msg = f"commit of {where} (group {self.group}) failed on {topic}[{partition}]: {err}"
-                raise PipelineError(msg)
-            log.warning("commit of %s[%s] deferred: %s", topic, partition, err.str())
-            self._uncommitted[(topic, partition)] = pending[(topic, partition)]
-
-    def before_revoke(self) -> None:
-        try:
-            self._commit({})  # offsets delivered but not yet committed, while the partitions are still ours
-        except PipelineError as ex:
-            log.error("commit before revocation failed: %s", ex)
-
-    def forget(self, partitions: set[TopicPart]) -> None:
-        for tp in partitions:
-            self._uncommitted.pop(tp, None)

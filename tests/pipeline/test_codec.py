@@ -346,3 +346,43 @@ def test_valid_readings_round_trip_exactly(rows: list[tuple[str, int, list[float
     assert batch.device_ids == [d for d, _, _ in rows]
     assert batch.ts_ms.tolist() == [ts for _, ts, _ in rows]
     assert batch.values.tolist() == [v for _, _, v in rows]  # float32-exact inputs survive unchanged
+
+
+def _near_valid() -> list[tuple[bytes, bytes | None]]:
+    """Readings one field away from valid, each with no key, its own key and another key."""
+    out: list[tuple[bytes, bytes | None]] = []
+    devices: list[Any] = ["pump-7", "", " \t", "\x1f", "é", "x" * 256, "x" * 257, 7, None]
+    stamps: list[Any] = [NOW, NOW + 60_001, LIMITS.ts_min_ms - 1, float(NOW), True, str(NOW)]
+    values: list[Any] = [[1, 2.5, 3], [1, 2], [1, 2, 3, 4], [1, True, 3], [1, None, 3], [1e39, 0, 0], "123"]
+    for device in devices:
+        for ts in stamps:
+            for vals in values:
+                for extra in ({}, {"channels": None}, {"channels": ["a", "b", "c"]}, {"channels": ["a"]}):
+                    payload = json.dumps({"device_id": device, "ts": ts, "values": vals, **extra}).encode()
+                    own = device.encode() if isinstance(device, str) else None
+                    out += [(payload, None), (payload, own), (payload, b"other")]
+    return out
+
+
+def test_fast_path_decides_as_the_exact_checks_do() -> None:
+    """decode_batch takes plain readings on a fast path: it must accept exactly what parse_reading accepts."""
+    from pipeline.reading_checks import Rejected, parse_reading
+
+    cases = _near_valid()
+    batch = _decode([p for p, _ in cases], [k for _, k in cases])
+    rows = {i: row for row, i in enumerate(batch.index.tolist())}
+    rejects = {r.index: r for r in batch.rejects}
+    accepted = 0
+    for i, (payload, key) in enumerate(cases):
+        try:
+            device, ts, vals, names = parse_reading(payload, key, LIMITS, LIMITS.ts_min_ms, NOW + 60_000)
+        except Rejected as rej:
+            assert i in rejects and (rejects[i].reason, rejects[i].detail) == (rej.reason, rej.detail), payload
+            continue
+        if i in rejects:  # only the batch-wide finiteness check rejects what parse_reading lets through
+            assert rejects[i].reason is R.NON_FINITE, (payload, rejects[i])
+            continue
+        row, accepted = rows[i], accepted + 1
+        assert (batch.device_ids[row], int(batch.ts_ms[row]), batch.channels[row]) == (device, ts, names)
+        np.testing.assert_array_equal(batch.values[row], np.asarray(vals, dtype=np.float32))
+    assert accepted >= 4 and len(rejects) > len(cases) // 2  # both outcomes exercised

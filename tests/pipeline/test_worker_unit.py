@@ -288,10 +288,12 @@ class FakeProducer:
         self.committed: list[tuple[str, bytes | None, bytes | None, int | None]] = []  # in committed txns
         self.offsets: list[dict[tuple[str, int], int]] = []
 
-    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, **kw: Any) -> None:
+    def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, partition: int = -1,
+                on_delivery: Callable[[Any, Any], None] | None = None, **kw: Any) -> None:
+        assert on_delivery is not None and set(kw) <= {"headers"}  # as the real client parses its arguments
         self.log.append(f"produce:{topic}")
-        self.queued.append((topic, kw["on_delivery"]))
-        self.sent.append((topic, key, value, kw.get("partition")))
+        self.queued.append((topic, on_delivery))
+        self.sent.append((topic, key, value, None if partition == -1 else partition))
 
     def poll(self, timeout: float = 0) -> int:
         return 0
@@ -406,12 +408,12 @@ class _Worker(KafkaWorker):
 
 def _worker(batches: list[list[Message]], *, fail_topic: str | None = None, guarantee: str = "at_least_once",
             on_call: Callable[[int], None] | None = None, abort_commits: int = 0, fence: bool = False,
-            committed: dict[int, int] | None = None, serve_ops: bool = False,
+            committed: dict[int, int] | None = None, serve_ops: bool = False, pipelined: bool = True,
             ) -> tuple[_Worker, FakeConsumer, list[str]]:
     log: list[str] = []
     consumer = FakeConsumer(log, batches, on_call, committed)
     settings = Settings(exit_when_idle_s=0.0, predictions_topic="preds", dlq_topic="dlq", ts_min_ms=0,
-                        guarantee=guarantee, metrics_port=0)  # type: ignore[arg-type]
+                        guarantee=guarantee, metrics_port=0, pipelined_commits=pipelined)  # type: ignore[arg-type]
     worker = _Worker(settings, _operator(), worker_id="w", consumer=consumer,  # type: ignore[arg-type]
                      producer=FakeProducer(log, fail_topic, abort_commits, fence),  # type: ignore[arg-type]
                      serve_ops=serve_ops)
@@ -426,7 +428,7 @@ def _now_batch(partition: int, start: int, n: int, dev: str) -> list[Message]:
 
 def test_at_least_once_produces_then_flushes_then_changelog_then_commits(capsys: pytest.CaptureFixture[str]) -> None:
     batch = _now_batch(0, 0, 3, "a") + _now_batch(1, 40, 2, "b") + [_msg(1, 42, b"b", b"garbage")]
-    worker, consumer, log = _worker([batch, _now_batch(0, 3, 2, "a")])
+    worker, consumer, log = _worker([batch, _now_batch(0, 3, 2, "a")], pipelined=False)
     assert worker.run() == 0
     changelog = f"produce:{CHANGELOG}"
     assert log == ["produce:dlq"] + ["produce:preds"] * 5 + ["flush"] + [changelog] * 4 + ["flush", "commit"] + \
@@ -437,6 +439,51 @@ def test_at_least_once_produces_then_flushes_then_changelog_then_commits(capsys:
     assert final["balanced"] and final["exit_code"] == 0 and final["batches"] == 2
     assert final["guarantee"] == "at_least_once"
     assert len(worker.operator.store) == 0  # closing revoked both partitions: their devices were dropped
+
+
+def test_pipelined_at_least_once_keeps_the_order_per_batch_while_overlapping_the_next(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pipeline.at_least_once.COMMIT_EVERY_S", 0.0)  # commit whatever is durable at once
+    batch = _now_batch(0, 0, 3, "a") + _now_batch(1, 40, 2, "b") + [_msg(1, 42, b"b", b"garbage")]
+    worker, consumer, log = _worker([batch, _now_batch(0, 3, 2, "a"), _now_batch(0, 5, 1, "a")])
+    seen: list[int] = []
+    consumer.on_call = lambda n: seen.append(len(consumer.commits))
+    assert worker.run() == 0
+    changelog = f"produce:{CHANGELOG}"
+    # batch K+1's outputs go out before batch K's changelog is acknowledged; per batch: outputs, flush,
+    # changelog, flush, commit -- batch 1 commits at batch 3's hand-over, the idle turn settles 2 and 3
+    assert log == ["produce:dlq"] + ["produce:preds"] * 5 + ["flush"] + [changelog] * 4 + ["produce:preds"] * 2 + \
+        ["flush"] + [changelog] * 2 + ["produce:preds", "commit", "flush"] + [changelog] * 2 + \
+        ["flush", "commit", "close", "flush"]
+    assert consumer.commits == [{("readings", 0): 3, ("readings", 1): 43}, {("readings", 0): 6}]
+    assert seen[:3] == [0, 0, 0]  # batches 2 and 3 consumed with nothing committed yet
+    assert worker.stats.batches == 3 and worker.stats.consumed == 9 and worker.stats.balanced
+
+
+def test_pipelined_delivery_failure_found_a_batch_later_commits_nothing_more() -> None:
+    worker, consumer, log = _worker([_now_batch(0, 0, 3, "a"), _now_batch(0, 3, 3, "a")], fail_topic="preds")
+    assert worker.run() == 2
+    assert consumer.commits == [] and "commit" not in log and worker.stats.consumed == 0
+    assert f"produce:{CHANGELOG}" not in log  # no progress record claims the failed outputs were published
+
+
+def test_revocation_settles_pending_batches_and_a_lost_partition_drops_its_own() -> None:
+    def rebalance(n: int) -> None:
+        if n == 3:  # batches 1 and 2 handed over, batch 2 still in flight
+            consumer.callbacks["on_lost"](consumer, [TopicPartition("readings", 1)])
+        if n == 4:
+            consumer.callbacks["on_revoke"](consumer, [TopicPartition("readings", 0)])
+
+    worker, consumer, log = _worker([_now_batch(0, 0, 2, "a"), _now_batch(0, 2, 2, "a") + _now_batch(1, 0, 2, "b"),
+                                     _now_batch(0, 4, 1, "a")], on_call=rebalance)
+    producer: FakeProducer = worker.producer  # type: ignore[assignment]
+    assert worker.run() == 0
+    # the revocation settles all three batches in one commit (COMMIT_EVERY_S not reached); [1]'s offset is lost
+    assert consumer.commits == [{("readings", 0): 5}]
+    assert log[-7:] == ["flush", *[f"produce:{CHANGELOG}"] * 2, "flush", "commit", "close", "flush"]
+    pinned = {(k, p) for t, k, _, p in producer.sent if t == CHANGELOG}
+    assert (b"a", 0) in pinned and (b"b", 1) not in pinned  # the lost partition's state is its new owner's
+    assert (PROGRESS_KEY, 1) not in pinned and worker.stats.consumed == 7 and worker.stats.balanced
 
 
 def test_exactly_once_commits_outputs_changelog_and_offsets_in_one_transaction() -> None:
@@ -674,7 +721,8 @@ def test_worker_serves_metrics_health_and_readiness_while_it_runs() -> None:
         if n == 2:  # after the assignment (restore done) and one batch
             got.update({path: _http(port, path) for path in ("/metrics", "/healthz", "/readyz")})
 
-    worker, _, _ = _worker([_now_batch(0, 0, 3, "a"), []], on_call=scrape, serve_ops=True)
+    # not pipelined: the batch is committed (and counted) before the next consume, where this scrapes
+    worker, _, _ = _worker([_now_batch(0, 0, 3, "a"), []], on_call=scrape, serve_ops=True, pipelined=False)
     assert worker.run() == 0
     assert got["/readyz"] == (200, '{"status": "ready", "reason": "ready"}\n')
     assert got["/healthz"][0] == 200 and json.loads(got["/healthz"][1])["status"] == "ok"

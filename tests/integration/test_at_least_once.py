@@ -1,0 +1,158 @@
+"""At-least-once with pipelined commits (``pipeline.at_least_once``), against a real Apache Kafka broker.
+
+The worker overlaps a batch's delivery wait, changelog and offset commit with the next batches.  (a) SIGKILLed
+at seeded random moments and restarted in the same group: every valid reading still has a prediction (no
+gap: nothing committed, and no progress record written, before the outputs below it were delivered), every
+prediction -- duplicates included -- equals the uninterrupted reference (the state each restart restored is
+the state its predecessor had when it wrote those outputs), every fault has a dead letter.  (b) A second
+worker joins mid-stream and leaves on SIGTERM: the revocations settle what is in flight, so the hand-overs
+re-process nothing and every valid reading has exactly one prediction, equal to the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from confluent_kafka import Consumer
+
+from tests.integration.conftest import (
+    Coord,
+    Rec,
+    Topics,
+    check_dead_letters,
+    committed_total,
+    dlq_sources,
+    drain,
+    finish,
+    pred_sources,
+    run_cmd,
+    simulate_cmd,
+    spawn,
+)
+from tests.integration.test_exactly_once import (
+    ENV,
+    PROGRESS_DEADLINE_S,
+    TOLERANCE,
+    Prediction,
+    check_exactly_once,
+    produced,
+    reference,
+    restored_counts,
+    wait_for,
+)
+
+pytestmark = pytest.mark.integration
+
+SEED = 20_261_205  # kill moments
+KILLS = 3
+ALO = ("--guarantee", "at_least_once", "--batch-max-messages", "500")
+
+
+def check_at_least_once(bootstrap: str, topics: Topics, inputs: dict[Coord, Rec],
+                        ref: dict[Coord, Prediction]) -> tuple[int, float]:
+    """At least one prediction per valid reading, each equal to the reference; at least one dead letter per
+    fault.  Returns (duplicate predictions, largest difference seen)."""
+    faults = {c for c, r in inputs.items() if r.fault is not None}
+    preds = drain(bootstrap, topics.predictions)
+    counts = pred_sources(preds)
+    missing, extra = set(inputs) - faults - set(counts), set(counts) - (set(inputs) - faults)
+    assert not missing and not extra, f"gaps {sorted(missing)[:5]} ({len(missing)}), foreign {sorted(extra)[:5]}"
+    worst = 0.0
+    for p in preds:
+        doc = p.json()
+        forecast, std, score = ref[(doc["source"]["partition"], doc["source"]["offset"])]
+        assert (doc["score"] is None) == (score is None), (doc, score)
+        diffs = [np.abs(np.subtract(doc["forecast"], forecast)).max(),
+                 np.abs(np.subtract(doc["forecast_std"], std)).max(),
+                 abs(doc["score"] - score) if score is not None else 0.0]
+        worst = max(worst, *map(float, diffs))
+        assert max(diffs) <= TOLERANCE, f"prediction for {doc['source']} differs by {max(diffs)} from the reference"
+    dlq = drain(bootstrap, topics.dlq)
+    assert set(dlq_sources(dlq, topics.input)) == faults, "a fault without a dead letter (or a valid one with)"
+    check_dead_letters(dlq, inputs, topics.input)
+    return sum(counts.values()) - len(counts), worst
+
+
+# -------------------------------------------------------------------------------------------- (a)
+def test_sigkill_at_random_moments_loses_nothing_and_predicts_as_the_reference(
+        kafka_bootstrap: str, topics: Topics, trained_model: Path, tmp_path: Path,
+        processes: list[subprocess.Popen[str]], group: str) -> None:
+    t0, rng = time.monotonic(), random.Random(SEED)
+    sim = spawn(simulate_cmd(kafka_bootstrap, topics, tmp_path, "--devices", "100", "--events", "20000",
+                             "--malformed", "15", "--anomaly-rate", "10", "--seed", "29"), tmp_path / "sim.log",
+                processes)
+    inputs = produced(kafka_bootstrap, topics, sim, tmp_path / "sim.log")
+    total = len(inputs)
+    ref = reference(inputs, topics.input, trained_model)
+    probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+    at_kill: list[int] = []
+    try:
+        for life, fraction in enumerate(sorted(rng.uniform(0.1, 0.8) for _ in range(KILLS))):
+            log = tmp_path / f"worker-{life}.log"
+            proc = spawn(run_cmd(kafka_bootstrap, topics, group, trained_model, "--exit-when-idle", "300", *ALO),
+                         log, processes, ENV)
+            wait_for(probe, topics.input, max(int(fraction * total), (at_kill[-1] if at_kill else 0) + 1000),
+                     proc, log)
+            time.sleep(rng.uniform(0.0, 0.3))  # a random moment: batches in flight, commits pending
+            proc.kill()
+            proc.wait(timeout=30)
+            at_kill.append(committed_total(probe, topics.input))
+        log = tmp_path / "worker-final.log"
+        final = spawn(run_cmd(kafka_bootstrap, topics, group, trained_model, "--exit-when-idle", "5", *ALO),
+                      log, processes, ENV)
+        rc, stats = finish(final, log)
+        assert rc == 0 and stats["balanced"], log.read_text()[-4000:]
+        assert committed_total(probe, topics.input) == total
+    finally:
+        probe.close()
+    for life in range(1, KILLS):  # every restart found the state its predecessor left in the changelog
+        assert restored_counts(tmp_path / f"worker-{life}.log")[0] > 0
+    duplicates, worst = check_at_least_once(kafka_bootstrap, topics, inputs, ref)
+    print(f"\nkilled at committed {at_kill}/{total}; final run {json.dumps(stats)}; {duplicates} duplicate "
+          f"prediction(s); max |diff| vs reference {worst:.2e}; test {time.monotonic() - t0:.1f} s")
+
+
+# -------------------------------------------------------------------------------------------- (b)
+def test_worker_joining_and_leaving_hands_over_without_reprocessing(
+        kafka_bootstrap: str, topics: Topics, trained_model: Path, tmp_path: Path,
+        processes: list[subprocess.Popen[str]], group: str) -> None:
+    events = 12_000
+    sim = spawn(simulate_cmd(kafka_bootstrap, topics, tmp_path, "--devices", "100", "--events", str(events),
+                             "--malformed", "10", "--rate", "700", "--anomaly-rate", "10", "--seed", "37"),
+                tmp_path / "sim.log", processes)
+    log_a, log_b = tmp_path / "worker-a.log", tmp_path / "worker-b.log"
+    a = spawn(run_cmd(kafka_bootstrap, topics, group, trained_model, "--exit-when-idle", "8", "--worker-id", "a",
+                      *ALO), log_a, processes, ENV)
+    probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+    try:
+        wait_for(probe, topics.input, 1000, a, log_a)
+        b = spawn(run_cmd(kafka_bootstrap, topics, group, trained_model, "--exit-when-idle", "300",
+                          "--worker-id", "b", *ALO), log_b, processes, ENV)
+        deadline = time.monotonic() + PROGRESS_DEADLINE_S
+        while not re.search(r"assigned \['", log_b.read_text()):  # a non-empty assignment: it took over
+            assert b.poll() is None and time.monotonic() < deadline, log_b.read_text()[-4000:]
+            time.sleep(0.1)
+        joined_at = committed_total(probe, topics.input)
+        wait_for(probe, topics.input, min(joined_at + 2000, events - 1500), b, log_b)
+        b.send_signal(signal.SIGTERM)
+        rc_b, stats_b = finish(b, log_b, 60)
+        inputs = produced(kafka_bootstrap, topics, sim, tmp_path / "sim.log")
+        rc_a, stats_a = finish(a, log_a)
+    finally:
+        probe.close()
+    assert rc_b == 0 and stats_b["balanced"] and stats_b["consumed"] > 0, log_b.read_text()[-4000:]
+    assert rc_a == 0 and stats_a["balanced"], log_a.read_text()[-4000:]
+    assert stats_b["restored_devices"] > 0 and max(restored_counts(log_a)[1:], default=0) > 0
+    assert stats_a["consumed"] + stats_b["consumed"] == len(inputs)  # settled before each revocation
+    assert Counter(s["skipped_replayed"] for s in (stats_a, stats_b)) == Counter({0: 2})
+    worst = check_exactly_once(kafka_bootstrap, topics, inputs, reference(inputs, topics.input, trained_model))
+    print(f"\na {json.dumps(stats_a)}; b {json.dumps(stats_b)}; max |diff| vs reference {worst:.2e}")
