@@ -81,14 +81,15 @@ def initial_state(model: Forecaster, batch: int, device: torch.device) -> State:
 
 def rollout_terms(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, state: State,
                   stats_alpha: float, learn: torch.Tensor | None = None, frozen: torch.Tensor | None = None,
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
+                  beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
     """Per-row sums [B] of Gaussian NLL and squared error (normalised units) over a window, and term counts.
 
     ``mask`` [B, T] says which steps hold a reading (False on padding: the step is skipped entirely).
     ``learn`` [B, T] (default: ``mask``): readings that add a loss term; the others are still folded into
     the hidden state, as the operator serves them.  ``frozen`` [B, T] (default: none): readings that leave
     the running statistics unchanged, as the operator freezes them inside an alert (a device's first reading
-    always initialises them).
+    always initialises them).  ``beta`` > 0 weights each NLL term by its detached ``std ** (2 beta)``
+    (beta-NLL, Seitzer et al. 2022: at ``beta = 1`` the mean's gradient is the squared error's).
 
     >>> model = Forecaster(n_channels=1, hidden_size=4, cell="liquid")
     >>> v, d = torch.randn(2, 12, 1), torch.ones(2, 12)
@@ -108,7 +109,10 @@ def rollout_terms(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mas
         use = (lrn & (count >= MIN_HISTORY)).to(values.dtype)
         target = normalise(x, mean, var)
         # float32 sums even when autocast made the head run in bf16
-        nll_rows = nll_rows + gaussian_nll(target, mu.float(), sd.float()).mean(1) * use
+        nll_el = gaussian_nll(target, mu.float(), sd.float())
+        if beta:
+            nll_el = nll_el * sd.float().detach() ** (2.0 * beta)
+        nll_rows = nll_rows + nll_el.mean(1) * use
         se_rows = se_rows + ((target - mu.float()) ** 2).mean(1) * use
         terms = terms + use
         with torch.no_grad():
@@ -124,14 +128,23 @@ def rollout_terms(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mas
 
 def rollout_loss(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, state: State,
                  stats_alpha: float, learn: torch.Tensor | None = None, frozen: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
-    """Sum of Gaussian NLL and squared error (normalised units) over a window, and the term count."""
-    nll, se, terms, new_state = rollout_terms(model, values, dt, mask, state, stats_alpha, learn, frozen)
+                 beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
+    """Sum of Gaussian NLL (beta-weighted as in :func:`rollout_terms`) and squared error (normalised units)
+    over a window, and the term count."""
+    nll, se, terms, new_state = rollout_terms(model, values, dt, mask, state, stats_alpha, learn, frozen, beta)
     return nll.sum(), se.sum(), terms.sum(), new_state
 
 
 class Trainer:
     """Truncated-BPTT trainer over many devices at once.
+
+    The loss is the Gaussian NLL of the one-step forecast.  Under it the forecast mean learns slowly where
+    the spread is wide (its gradient is divided by the variance), so two options speed the mean up:
+    ``mean_warmup`` epochs of :meth:`fit` first train on squared error / 2 alone (the spread is untouched,
+    the mean gets the gradient NLL gives it at unit spread), and ``beta`` > 0 trains on beta-NLL (see
+    :func:`rollout_terms`).  Both default off (docs/evaluation.md, section 2, has the evidence); the online
+    learner calls :meth:`train_step` directly, so ``mean_warmup`` never applies to it.  :meth:`evaluate`
+    always reports the plain NLL.
 
     >>> seqs = Sequences.from_columns(["a"] * 5, np.arange(5) * 1000, np.random.rand(5, 2).astype(np.float32))
     >>> trainer = Trainer(Forecaster(n_channels=2, hidden_size=4, cell="liquid"), window=4)
@@ -142,8 +155,12 @@ class Trainer:
 
     def __init__(self, model: Forecaster, *, lr: float = 3e-3, window: int = 64, batch_devices: int = 256,
                  stats_alpha: float = 0.005, grad_clip: float = 1.0, device: str | torch.device = "cpu",
-                 seed: int = 0, amp: bool = False) -> None:
+                 seed: int = 0, amp: bool = False, mean_warmup: int = 0, beta: float = 0.0) -> None:
+        if mean_warmup < 0 or not 0.0 <= beta <= 1.0:
+            msg = f"mean_warmup must be >= 0 epochs and beta in [0, 1], got {mean_warmup!r}, {beta!r}"
+            raise InputError(msg)
         self.model = model.to(device)
+        self.mean_warmup, self.beta = int(mean_warmup), float(beta)
         self.lr, self.window, self.batch_devices = lr, window, batch_devices
         self.stats_alpha, self.grad_clip = stats_alpha, grad_clip
         self.device = torch.device(device)
@@ -155,18 +172,18 @@ class Trainer:
 
     def train_step(self, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor,
                    state: State, learn: torch.Tensor | None = None,
-                   frozen: torch.Tensor | None = None) -> tuple[float, State]:
-        """One optimiser step on one window; returns the mean NLL and the detached carried state.
+                   frozen: torch.Tensor | None = None, mean_only: bool = False) -> tuple[float, State]:
+        """One optimiser step on one window; returns the mean loss and the detached carried state.
 
         The one training step of the project: ``liquidstream train`` (offline, via :meth:`fit`) and the
         online learner (:mod:`operators.online`) both call it.  ``learn`` and ``frozen`` are as in
-        :func:`rollout_terms`.
+        :func:`rollout_terms`.  The loss is the (beta-)NLL, or squared error / 2 if ``mean_only``.
         """
         self.model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
-            nll, _, terms, new_state = rollout_loss(self.model, values, dt, mask, state, self.stats_alpha, learn,
-                                                    frozen)
-        loss = nll / torch.clamp(terms, min=1.0)
+            nll, se, terms, new_state = rollout_loss(self.model, values, dt, mask, state, self.stats_alpha, learn,
+                                                     frozen, self.beta)
+        loss = (0.5 * se if mean_only else nll) / torch.clamp(terms, min=1.0)
         self.optimizer.zero_grad(set_to_none=True)
         if terms.item() > 0:
             loss.backward()  # type: ignore[no-untyped-call]
@@ -179,12 +196,13 @@ class Trainer:
 
     def fit(self, seqs: Sequences, epochs: int, progress: Callable[[int, int, float], None] | None = None,
             ) -> list[float]:
-        """Train for ``epochs`` passes; ``progress(done_steps, total_steps, last_loss)`` after each step."""
+        """Train for ``epochs`` passes (the first ``mean_warmup`` of them on squared error);
+        ``progress(done_steps, total_steps, last_loss)`` after each step."""
         d, t = seqs.mask.shape
         n_batches = -(-d // self.batch_devices)
         total = epochs * n_batches * (-(-t // self.window))
         done, history = 0, []
-        for _ in range(epochs):
+        for epoch in range(epochs):
             perm = torch.randperm(d, generator=self.generator)
             epoch_losses = []
             for b in range(n_batches):
@@ -193,7 +211,8 @@ class Trainer:
                 state = initial_state(self.model, len(sel), self.device)
                 for start in range(0, t, self.window):
                     w = slice(start, start + self.window)
-                    loss, state = self.train_step(vals[:, w], dts[:, w], mask[:, w], state)
+                    loss, state = self.train_step(vals[:, w], dts[:, w], mask[:, w], state,
+                                                  mean_only=epoch < self.mean_warmup)
                     epoch_losses.append(loss)
                     done += 1
                     if progress is not None:

@@ -155,10 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", choices=["skab", "settings"], default="skab",
                    help="skab: operator settings of pipeline.evaluate.SKAB_PROFILE on top of LIQUIDSTREAM_OPERATOR__*")
     p.add_argument("--seeds", type=int, default=2, help="irregular: seeds per model")
-    p.add_argument("--objective", choices=["mse", "nll"], default="mse",
-                   help="irregular: train the mean only (mse, unit spread) or mean and spread (nll, production)")
-    p.add_argument("--streams", default="waterflow,simulator",
-                   help="irregular: comma-separated streams among waterflow, simulator, sines (the control)")
+    p.add_argument("--objective", choices=["mse", "nll", "beta-nll"], default="mse",
+                   help="irregular: train the mean only (mse, unit spread), mean and spread (nll, production) "
+                        "or mean and spread with the mean's gradient of squared error (beta-nll)")
+    p.add_argument("--streams", default="co2,elnino,waterflow,simulator",
+                   help="irregular: comma-separated streams among co2, elnino, waterflow, simulator, sines (control)")
     _model_flags(p, epochs=20)
     p.set_defaults(epochs=None)  # per benchmark: skab 20, irregular IRREGULAR_EPOCHS
     handlers["evaluate"] = _cmd_evaluate

@@ -1,19 +1,22 @@
 """``liquidstream evaluate irregular``: does knowing the real gap between readings help forecasting?
 
-On irregular streams (:mod:`pipeline.irregular_data`: River's real WaterFlow recording thinned into bursts
-and dropouts, and the simulator thinned by random drops) five one-step forecasters are trained the way
-production trains them (:class:`operators.training.Trainer`, same hidden size, epochs, window, learning
-rate and seed) and scored on held-out streams (:func:`pipeline.irregular_bins.gap_metrics`: one-step MSE and
-Gaussian NLL in per-device normalised units, every reading after warm-up, and the MSE binned by the true gap):
+On irregular streams (:mod:`pipeline.irregular_data`: the real Mauna Loa CO2 and WaterFlow recordings
+thinned into bursts and dropouts, and the simulator thinned by random drops) five one-step forecasters are
+trained the way production trains them (:class:`operators.training.Trainer`, same hidden size, epochs,
+window and seed; learning rate per cell kind, :data:`LEARNING_RATES`) and scored on held-out streams
+(:func:`pipeline.irregular_bins.gap_metrics`: one-step MSE and Gaussian NLL in per-device normalised units,
+every reading after warm-up, and the MSE binned by the true gap):
 
-* ``cfc`` / ``ltc``: the liquid cells given the true gaps (as the operator runs them);
+* ``cfc`` / ``ltc``: the liquid cells given the true gaps (as the operator runs them; LTC with its time
+  constants initialised on the streams' scale, :data:`LTC_TAU_INIT_S`);
 * ``cfc dt=1`` / ``ltc dt=1``: the same cells fed ``dt = 1`` (the nominal period) for every reading, train
   and test alike: gap-blind;
 * ``gru+gap``: a GRU (no continuous-time dynamics) given the gap as an input feature;
 * ``persistence``: the untrained forecaster (last reading, unit spread), the floor every model starts from.
 
-Two training objectives, the same for every model: ``nll`` (production: mean and spread) and ``mse``
-(:func:`fix_spread`: the spread stays at unit std, so the NLL is squared error).  Under NLL a gap-aware
+Three training objectives, the same for every model: ``nll`` (production: mean and spread), ``mse``
+(:func:`fix_spread`: the spread stays at unit std, so the NLL is squared error) and ``beta-nll`` (the
+trainer's ``beta = 1``: mean and spread, the mean's gradient that of squared error).  Under NLL a gap-aware
 model first learns to widen its spread after long gaps, and the mean, whose gradient is divided by the
 spread squared, learns slowly; the MSE target is therefore judged on the ``mse`` objective.  The
 ``sines`` stream is a control where the gap matters by construction.
@@ -37,7 +40,7 @@ from operators.cells.base import ContinuousCell
 from operators.training import Sequences, Trainer
 from pipeline.errors import ConfigurationError
 from pipeline.irregular_bins import bin_labels, gap_metrics
-from pipeline.irregular_data import Columns, simulated, smooth_sines, water_flow_streams
+from pipeline.irregular_data import Columns, co2_streams, elnino_streams, simulated, smooth_sines, water_flow_streams
 from pipeline.settings import Settings
 
 #: Default epochs, truncated-BPTT window (readings) and seeds.  The CPU cost is per time step, so a short window
@@ -45,10 +48,16 @@ from pipeline.settings import Settings
 #: (docs/evaluation.md, section 2).
 IRREGULAR_EPOCHS, WINDOW, IRREGULAR_SEEDS = 10, 8, 2
 #: The study's streams (:func:`streams`; ``sines`` is the control) and training objectives (:func:`run_model`).
-STREAMS, OBJECTIVES = ("waterflow", "simulator", "sines"), ("mse", "nll")
+STREAMS, OBJECTIVES = ("co2", "elnino", "waterflow", "simulator", "sines"), ("mse", "nll", "beta-nll")
 #: What ``liquidstream evaluate irregular`` runs unless told otherwise: the target's irregular streams, the
-#: objective that matches the target metric (MSE); with the peers about 3 minutes on a busy 2-core box.
-DEFAULT_STREAMS, DEFAULT_OBJECTIVES = ("waterflow", "simulator"), ("mse",)
+#: objective that matches the target metric (MSE); with the peers a few minutes on a 2-core box.
+DEFAULT_STREAMS, DEFAULT_OBJECTIVES = ("co2", "elnino", "waterflow", "simulator"), ("mse",)
+#: LTC's initial time constants in seconds (``LTCCell`` ``tau_init_min/max``), on the gaps' scale: with ncps's
+#: (~0.1 s) the state relaxes within every gap, so the gap cannot matter (docs/evaluation.md, section 2).
+LTC_TAU_INIT_S = (1.0, 10.0)
+#: Adam learning rate per cell kind, a cell and its gap-blind twin alike: LTC learns slowly at 3e-3 (at 10
+#: epochs, 1e-2 matched 20 epochs at 3e-3 on co2); CfC learned less at 1e-2 (docs/evaluation.md, section 2).
+LEARNING_RATES = {"cfc": 3e-3, "ltc": 1e-2, "gru": 3e-3}
 #: The gap bins of :mod:`pipeline.irregular_bins`, in order.
 BIN_LABELS = bin_labels()
 #: Model name -> (cell kind, gap-aware).  ``gru`` is :class:`GRUGapCell`.
@@ -84,7 +93,8 @@ def build_model(kind: str, n_channels: int, hidden_size: int) -> Forecaster:
         model = Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell="liquid")
         model.cell = GRUGapCell(n_channels + 1, hidden_size)  # same head, same dt feature, discrete state
         return model
-    options: dict[str, object] = {"backbone_units": hidden_size} if kind == "cfc" else {}
+    options: dict[str, object] = ({"backbone_units": hidden_size} if kind == "cfc" else
+                                  {"tau_init_min": LTC_TAU_INIT_S[0], "tau_init_max": LTC_TAU_INIT_S[1]})
     return Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell=kind, cell_options=options)
 
 
@@ -120,9 +130,8 @@ def _seqs(cols: Columns) -> Sequences:
 
 def streams(name: str, seed: int) -> tuple[Sequences, Sequences]:
     """Train and held-out test sequences of one study stream."""
-    if name == "waterflow":
-        train, test = water_flow_streams(seed)
-        return _seqs(train), _seqs(test)
+    if name in (recordings := {"co2": co2_streams, "elnino": elnino_streams, "waterflow": water_flow_streams}):
+        return _seqs((parts := recordings[name](seed))[0]), _seqs(parts[1])
     if name == "sines":
         return _seqs(smooth_sines(1000 + seed, 96, 450.0)), _seqs(smooth_sines(2000 + seed, 32, 450.0))
     tr, _ = simulated(seed=1000 + seed, devices=96, duration_s=150.0)
@@ -134,7 +143,8 @@ def run_model(name: str, train: Sequences, test: Sequences, *, epochs: int, hidd
               device: str, objective: str = "nll") -> dict[str, Any]:
     """Train ``name`` on ``train`` and return :func:`~pipeline.irregular_bins.gap_metrics` on ``test``.
 
-    ``objective`` is ``"nll"`` (production: mean and spread) or ``"mse"`` (:func:`fix_spread`)."""
+    ``objective`` is ``"nll"`` (production: mean and spread), ``"mse"`` (:func:`fix_spread`) or
+    ``"beta-nll"`` (:class:`~operators.training.Trainer` ``beta = 1``)."""
     true_dt = test.dt
     if name == "persistence":  # an untrained forecaster: last reading, unit spread (the head starts at zero)
         return gap_metrics(Trainer(build_model("cfc", test.values.shape[2], hidden_size), device=device), test,
@@ -146,7 +156,8 @@ def run_model(name: str, train: Sequences, test: Sequences, *, epochs: int, hidd
     model = build_model(kind, train.values.shape[2], hidden_size)
     if objective == "mse":
         fix_spread(model)
-    trainer = Trainer(model, window=WINDOW, lr=3e-3, seed=seed, device=device)
+    trainer = Trainer(model, window=WINDOW, lr=LEARNING_RATES[kind], seed=seed, device=device,
+                      beta=1.0 if objective == "beta-nll" else 0.0)
     trainer.fit(train, epochs)
     return gap_metrics(trainer, test, true_dt)
 
@@ -173,6 +184,16 @@ def evaluate_irregular(settings: Settings, *, epochs: int = IRREGULAR_EPOCHS, hi
     if unknown:
         msg = f"unknown irregular-study streams or objectives {sorted(unknown)}: choose from {STREAMS}, {OBJECTIVES}"
         raise ConfigurationError(msg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors of a few dozen devices x 32 units: intra-op threads only add contention
+    try:
+        return _evaluate(settings, epochs, hidden_size, seeds, peers, stream_names, objectives)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _evaluate(settings: Settings, epochs: int, hidden_size: int, seeds: int, peers: bool,
+              stream_names: tuple[str, ...], objectives: tuple[str, ...]) -> dict[str, Any]:
     device = settings.torch_device()
     t0 = time.perf_counter()
     table: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
@@ -193,7 +214,7 @@ def evaluate_irregular(settings: Settings, *, epochs: int = IRREGULAR_EPOCHS, hi
                 blind, aware = rows[f"{cell} dt=1"]["mse"], rows[cell]["mse"]
                 rows[cell]["mse_gain_vs_blind_pct"] = 100.0 * (blind - aware) / blind
     report: dict[str, Any] = {"epochs": epochs, "hidden_size": hidden_size, "seeds": seeds, "window": WINDOW,
-                              "forecast": table}
+                              "learning_rates": LEARNING_RATES, "ltc_tau_init_s": LTC_TAU_INIT_S, "forecast": table}
     if peers:
         from pipeline.irregular_peers import evaluate_peers
 

@@ -22,9 +22,9 @@ import torch
 
 from operators.training import Sequences, Trainer, initial_state, rollout_terms
 
-#: Bin edges of the true gap, in seconds (WaterFlow: nominal periods, since 1 hour is rescaled to 1 s).
-#: < 0.5 s: the simulator's bursts; 0.5-1.5 s: one nominal period; 1.5-4 s and 4-10 s: thinned readings
-#: (WaterFlow's sparse runs skip 2-8 readings); >= 10 s: dropouts.
+#: Bin edges of the true gap, in seconds (CO2 and WaterFlow: nominal periods, since 1 week or 1 hour is
+#: rescaled to 1 s).  < 0.5 s: the simulator's bursts; 0.5-1.5 s: one nominal period; 1.5-4 s and 4-10 s:
+#: thinned readings (the recordings' sparse runs skip 2-8 readings); >= 10 s: dropouts.
 GAP_EDGES_S: tuple[float, ...] = (0.5, 1.5, 4.0, 10.0)
 
 

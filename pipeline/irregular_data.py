@@ -4,6 +4,11 @@
   March-May 2022, donated by Tecnojest s.r.l.), read from the CSV that ships *inside* the river wheel, so
   nothing is downloaded.  Time is rescaled so that the nominal period (1 hour) is 1 s: a gap-blind model fed
   ``dt = 1`` then sees exactly the nominal period, and the cells' time constants start in a sensible range.
+* :func:`co2`: the Mauna Loa weekly atmospheric CO2 record (ppm, March 1958 - December 2001), read from
+  the CSV that ships *inside* the statsmodels wheel (located without importing statsmodels, which would pull
+  in pandas).  A real sensor recording with smooth, fast dynamics (a 6 ppm annual cycle on a trend) and its
+  own missing weeks, which stay real gaps.  1 week is rescaled to 1 s.  :func:`elnino`: statsmodels'
+  monthly sea-surface temperature (1950-2010), 1 month rescaled to 1 s.
 * :func:`make_irregular`: thins a regular series into one irregular stream: *dense* runs keep every reading
   (bursts) and *sparse* runs keep one reading in 2-8 (dropouts).  Every kept reading is a real one at its
   real time; nothing is interpolated.
@@ -22,6 +27,7 @@ True
 from __future__ import annotations
 
 import csv
+import importlib.util
 from datetime import datetime
 from pathlib import Path
 
@@ -56,6 +62,43 @@ def water_flow() -> tuple[np.ndarray, np.ndarray]:
     return ts, np.array([[float(r["Water flow [l/s]"])] for r in rows], np.float32)
 
 
+def statsmodels_csv(name: str) -> Path:
+    """``statsmodels/datasets/<name>/<name>.csv`` of the installed package (statsmodels is not imported)."""
+    spec = importlib.util.find_spec("statsmodels")  # a top-level name: located, not executed
+    if spec is None or not spec.submodule_search_locations:
+        msg = f"the irregular-sampling study's {name} stream needs statsmodels (pip install 'liquidstream[eval]')"
+        raise ConfigurationError(msg)
+    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / name / f"{name}.csv"
+    if not path.is_file():
+        msg = f"statsmodels' {name} recording is missing at {path}"
+        raise ConfigurationError(msg)
+    return path
+
+
+def co2_path() -> Path:
+    """The Mauna Loa CO2 CSV inside the installed statsmodels package."""
+    return statsmodels_csv("co2")
+
+
+def elnino(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ts_ms int64 [N] with 1 month rescaled to 1 s, sea-surface temperature float32 [N, 1] in deg C) of
+    statsmodels' El Nino recording (monthly, 1950-2010), one row a year of twelve months in the CSV."""
+    with (path or statsmodels_csv("elnino")).open(newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    temps = [float(x) for r in rows for x in r[1:13]]
+    return np.arange(len(temps), dtype=np.int64) * 1000, np.array(temps, np.float32)[:, None]
+
+
+def co2(path: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ts_ms int64 [N] with 1 week rescaled to 1 s, CO2 float32 [N, 1] in ppm) of the weekly readings that
+    exist: weeks with an empty value (the station's own missing weeks) are dropped, so they are real gaps."""
+    with (path or co2_path()).open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["co2"].strip()]
+    days = np.array([datetime.strptime(r["date"], "%Y%m%d").toordinal() for r in rows], np.float64)
+    ts = np.round((days - days[0]) / 7.0 * 1000.0).astype(np.int64)  # 1 week -> 1000 "ms" (1 s)
+    return ts, np.array([[float(r["co2"])] for r in rows], np.float32)
+
+
 def make_irregular(device: str, ts_ms: np.ndarray, values: np.ndarray, rng: np.random.Generator,
                    run_mean: int = 12, max_skip: int = 8) -> Columns:
     """Thin one regular stream into alternating dense runs (every reading) and sparse runs (1 in 2..max_skip)."""
@@ -78,21 +121,38 @@ def _concat(parts: list[Columns]) -> Columns:
             np.concatenate([p[2] for p in parts]))
 
 
-def water_flow_streams(seed: int, thinnings: int = 8, segment: int = 192, train_fraction: float = 0.6,
-                       ) -> tuple[Columns, Columns]:
-    """Train / test streams from the first ``train_fraction`` of the recording and from the rest (never
-    overlapping in time): each part is cut into ``segment``-hour pieces (8 days: several daily cycles, and
-    short sequences train fast) and every piece is thinned ``thinnings`` times, each a device."""
-    ts, v = water_flow()
+def recording_streams(ts: np.ndarray, v: np.ndarray, prefix: str, seed: int, thinnings: int, segment: int,
+                      train_fraction: float = 0.6) -> tuple[Columns, Columns]:
+    """Train / test streams from the first ``train_fraction`` of a regular recording and from the rest (never
+    overlapping in time): each part is cut into ``segment``-reading pieces and every piece is thinned
+    ``thinnings`` times by :func:`make_irregular`, each thinning a device."""
     cut = int(len(ts) * train_fraction)
     rng = np.random.default_rng(seed)
 
     def part(name: str, lo: int, hi: int) -> Columns:
         pieces = [(a, min(a + segment, hi)) for a in range(lo, hi - segment // 2, segment)]
-        return _concat([make_irregular(f"wf-{name}-{a}-{k}", ts[a:b], v[a:b], rng)
+        return _concat([make_irregular(f"{prefix}-{name}-{a}-{k}", ts[a:b], v[a:b], rng)
                         for a, b in pieces for k in range(thinnings)])
 
     return part("train", 0, cut), part("test", cut, len(ts))
+
+
+def water_flow_streams(seed: int, thinnings: int = 8, segment: int = 192) -> tuple[Columns, Columns]:
+    """WaterFlow in 192-hour pieces (8 days: several daily cycles, and short sequences train fast)."""
+    ts, v = water_flow()
+    return recording_streams(ts, v, "wf", seed, thinnings, segment)
+
+
+def elnino_streams(seed: int, thinnings: int = 16, segment: int = 120) -> tuple[Columns, Columns]:
+    """El Nino sea-surface temperature in 120-month pieces (10 annual cycles, about 40 readings thinned)."""
+    ts, v = elnino()
+    return recording_streams(ts, v, "elnino", seed, thinnings, segment)
+
+
+def co2_streams(seed: int, thinnings: int = 8, segment: int = 156) -> tuple[Columns, Columns]:
+    """Mauna Loa CO2 in 156-reading pieces (3 years: three annual cycles, about 80 readings once thinned)."""
+    ts, v = co2()
+    return recording_streams(ts, v, "co2", seed, thinnings, segment)
 
 
 def smooth_sines(seed: int, devices: int, duration_s: float, mean_gap_s: float = 3.0) -> Columns:

@@ -60,7 +60,12 @@ class LTCCell(ContinuousCell):
     """Fully connected LTC cell; the hidden state is the membrane potential of ``hidden_size`` neurons.
 
     Conductances ``w``, leak ``gleak`` and capacitance ``cm`` are ``softplus`` of raw parameters, so they
-    stay positive while training; initial ranges follow ncps.  ``input_mapping`` is ``"affine"``
+    stay positive while training; initial ranges follow ncps.  With those, the resting time constants
+    ``cm / G`` start near 0.1 s for 32 neurons, so after a gap of a second or more the state has relaxed to
+    its fixed point whatever the gap was.  ``tau_init_min`` / ``tau_init_max`` (seconds, both or neither)
+    instead scale ``cm`` so that the time constants at the typical initial conductance (``s = 1/2``,
+    ``w = 1/2``) spread geometrically over that range (neuron 0 fastest), as :class:`LiquidCell` does; the
+    time scale then matches streams read every few seconds.  ``input_mapping`` is ``"affine"``
     (``x * input_w + input_b``), ``"linear"`` (``x * input_w``) or ``"none"``.  A negative ``dt`` is
     treated as ``0``.
 
@@ -102,6 +107,8 @@ class LTCCell(ContinuousCell):
         ode_unfolds: int = 6,
         epsilon: float = 1e-8,
         input_mapping: str = "affine",
+        tau_init_min: float | None = None,
+        tau_init_max: float | None = None,
     ) -> None:
         check_sizes(input_size, hidden_size)
         if isinstance(ode_unfolds, bool) or not isinstance(ode_unfolds, numbers.Integral) or ode_unfolds < 1:
@@ -113,7 +120,14 @@ class LTCCell(ContinuousCell):
         if input_mapping not in INPUT_MAPPINGS:
             msg = f"input_mapping must be one of {INPUT_MAPPINGS}, got {input_mapping!r}"
             raise ConfigError(msg)
+        if (tau_init_min, tau_init_max) != (None, None) and not (
+            tau_init_min is not None and tau_init_max is not None and 0 < tau_init_min <= tau_init_max < math.inf
+        ):
+            msg = f"tau_init_min, tau_init_max: both None or 0 < min <= max (s), got {tau_init_min!r}, {tau_init_max!r}"
+            raise ConfigError(msg)
         super().__init__(input_size, hidden_size)
+        self.tau_init_min: float | None = tau_init_min
+        self.tau_init_max: float | None = tau_init_max
         self.ode_unfolds = int(ode_unfolds)
         self.epsilon = float(epsilon)
         self.input_mapping = str(input_mapping)
@@ -129,6 +143,10 @@ class LTCCell(ContinuousCell):
         self.gleak_raw = nn.Parameter(inverse_softplus(_uniform((n,), 0.001, 1.0)))
         self.vleak = nn.Parameter(_uniform((n,), -0.2, 0.2))
         self.cm_raw = nn.Parameter(inverse_softplus(_uniform((n,), 0.4, 0.6)))
+        if tau_init_min is not None and tau_init_max is not None:
+            g_typ = F.softplus(self.gleak_raw.detach()) + 0.25 * (n_in + n)  # E[w] E[s] per synapse
+            tau = torch.logspace(math.log10(tau_init_min), math.log10(tau_init_max), n)
+            self.cm_raw = nn.Parameter(inverse_softplus(tau * g_typ))
         if self.input_mapping != "none":
             self.input_w = nn.Parameter(torch.ones(n_in))
         if self.input_mapping == "affine":
@@ -200,4 +218,6 @@ class LTCCell(ContinuousCell):
             "ode_unfolds": self.ode_unfolds,
             "epsilon": self.epsilon,
             "input_mapping": self.input_mapping,
+            "tau_init_min": self.tau_init_min,
+            "tau_init_max": self.tau_init_max,
         }

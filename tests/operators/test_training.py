@@ -136,3 +136,44 @@ def test_evaluate() -> None:
     assert set(m) == {"nll", "mse"} and all(np.isfinite(v) for v in m.values()) and m["mse"] > 0
     assert trainer.evaluate(seqs) == m, "evaluation is deterministic"
     assert all(torch.equal(a, b) for a, b in zip(params0, trainer.model.parameters(), strict=True))
+
+
+def _spread_rows(model: Forecaster) -> torch.Tensor:
+    last = model.head[-1]
+    assert isinstance(last, torch.nn.Linear)
+    return torch.cat([last.weight[model.n_channels:].detach(), last.bias[model.n_channels:, None].detach()], 1)
+
+
+def test_mean_warmup_trains_the_mean_on_squared_error_then_the_spread() -> None:
+    seqs = Sequences.from_columns(*sinusoids(4, 40, 2, seed=6))
+    torch.manual_seed(4)
+    model = Forecaster(n_channels=2, hidden_size=6, cell="cfc", head_units=8)
+    warm = Trainer(model, window=10, lr=1e-2, stats_alpha=0.05, mean_warmup=2)
+    before = warm.evaluate(seqs)["mse"]
+    warm.fit(seqs, 2)  # warm-up only: squared error, so the spread outputs get no gradient at all
+    assert torch.equal(_spread_rows(model), torch.zeros(2, 9))
+    assert warm.evaluate(seqs)["mse"] < before
+    warm.fit(seqs, 3)  # the third epoch is on the NLL: the spread learns
+    assert float(_spread_rows(model).abs().sum()) > 0
+    with pytest.raises(InputError):
+        Trainer(model, mean_warmup=-1)
+    with pytest.raises(InputError):
+        Trainer(model, beta=1.5)
+
+
+def test_beta_nll_weights_each_term_by_its_detached_spread() -> None:
+    torch.manual_seed(5)
+    model = Forecaster(n_channels=2, hidden_size=6, cell="liquid", head_units=8)
+    with torch.no_grad():
+        for p in model.head.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # spreads away from 1, so the weights differ per term
+    seqs = Sequences.from_columns(*sinusoids(3, 24, 2, seed=7))
+    args = (model, seqs.values, seqs.dt, seqs.mask, initial_state(model, 3, torch.device("cpu")), 0.05)
+    nll0, se0, terms0, _ = rollout_loss(*args)
+    nll1, se1, terms1, _ = rollout_loss(*args, beta=1.0)
+    assert torch.equal(se0, se1) and torch.equal(terms0, terms1) and not torch.isclose(nll0, nll1)
+    # beta = 1: the gradient reaching the forecast means is the squared error's / 2, whatever the spread
+    head_bias = model.head[-1].bias
+    g_beta = torch.autograd.grad(nll1, head_bias)[0][:2]
+    g_se = torch.autograd.grad(0.5 * rollout_loss(*args)[1], head_bias)[0][:2]
+    assert torch.allclose(g_beta, g_se, rtol=1e-4, atol=1e-6)

@@ -3,13 +3,27 @@ sequences, the GRU baseline, and the peers' ground truth."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 import torch
 
+from operators import Forecaster
 from operators.training import MIN_HISTORY, Sequences, Trainer
 from pipeline.irregular import MODELS, GRUGapCell, build_model, fix_spread, gap_blind, run_model
 from pipeline.irregular_bins import GAP_EDGES_S, bin_labels, gap_metrics
-from pipeline.irregular_data import make_irregular, smooth_sines, water_flow, water_flow_path, water_flow_streams
+from pipeline.irregular_data import (
+    co2,
+    co2_path,
+    co2_streams,
+    elnino,
+    make_irregular,
+    smooth_sines,
+    water_flow,
+    water_flow_path,
+    water_flow_streams,
+)
 from pipeline.irregular_peers import evaluate_peers, truth_flags
 from pipeline.settings import Settings
 from pipeline.simulator import Incident
@@ -21,6 +35,64 @@ def test_water_flow_is_the_recording_shipped_in_the_river_wheel() -> None:
     ts, v = water_flow()
     assert v.shape == (1268, 1) and v.dtype == np.float32
     assert np.diff(ts).min() >= 1000 and np.median(np.diff(ts)) == 1000  # hourly, rescaled to 1 s
+
+
+def test_co2_is_the_recording_shipped_in_the_statsmodels_wheel_with_its_missing_weeks() -> None:
+    path = co2_path()
+    assert path.name == "co2.csv" and path.parent.parent.name == "datasets"
+    ts, v = co2()
+    assert v.dtype == np.float32 and v.shape == (len(ts), 1) and 2000 < len(ts) < 2284  # blank weeks dropped
+    gaps = np.diff(ts)
+    assert np.median(gaps) == 1000 and gaps.min() == 1000  # weekly, rescaled to 1 s
+    assert (gaps > 1000).sum() >= 10  # the station's own missing weeks stay real gaps
+    assert 310.0 < v[:52].mean() < 320.0 and 365.0 < v[-52:].mean() < 375.0  # ppm, 1958 and 2001
+
+
+def test_co2_parses_a_tiny_csv_and_skips_blank_weeks(tmp_path: Path) -> None:
+    f = tmp_path / "co2.csv"
+    f.write_text("date,co2\n19580329,316.1\n19580405,\n19580412,317.6\n19580419,317.5\n")
+    ts, v = co2(f)
+    assert ts.tolist() == [0, 2000, 3000] and v[:, 0].tolist() == pytest.approx([316.1, 317.6, 317.5])
+
+
+def test_elnino_reads_the_yearly_rows_as_one_monthly_series(tmp_path: Path) -> None:
+    f = tmp_path / "elnino.csv"
+    f.write_text('"YEAR","JAN","FEB","MAR","APR","MAY","JUN","JUL","AUG","SEP","OCT","NOV","DEC"\n'
+                 + "".join(f"{y}," + ",".join(f"{y - 1950}.{m:02d}" for m in range(1, 13)) + "\n"
+                           for y in (1950, 1951)))
+    ts, v = elnino(f)
+    assert ts.tolist() == [1000 * k for k in range(24)]  # 1 month -> 1 s
+    assert v[:, 0].tolist() == pytest.approx([0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09, 0.10, 0.11,
+                                              0.12, 1.01, 1.02, 1.03, 1.04, 1.05, 1.06, 1.07, 1.08, 1.09, 1.10,
+                                              1.11, 1.12])
+    ts, v = elnino()  # the recording shipped inside the statsmodels wheel: 1950-2010
+    assert v.shape == (732, 1) and 15.0 < float(v.min()) < float(v.max()) < 32.0  # deg C
+
+
+def test_co2_streams_keep_real_readings_at_their_real_times() -> None:
+    ts, v = co2()
+    at = dict(zip(ts.tolist(), v[:, 0].tolist(), strict=True))
+    (tr_ids, tr_ts, tr_v), (te_ids, te_ts, te_v) = co2_streams(seed=0)
+    assert tr_ts.max() < te_ts.min() and len(set(tr_ids)) > 16 and len(set(te_ids)) > 16
+    for t_, x in zip(np.concatenate([tr_ts, te_ts]).tolist(), np.concatenate([tr_v, te_v])[:, 0].tolist(),
+                     strict=True):
+        assert at[t_] == x
+    one = np.array(tr_ids) == tr_ids[0]
+    assert len(set(np.diff(tr_ts[one]).tolist())) > 2  # thinned: bursts and dropouts of several weeks
+    assert co2_streams(seed=1)[0][1].tolist() != tr_ts.tolist()  # the thinning depends on the seed
+
+
+@torch.no_grad()
+def test_study_ltc_starts_with_time_constants_on_the_streams_scale() -> None:
+    torch.manual_seed(0)
+    x, h = torch.randn(16, 2) * 0.5, torch.zeros(16, 8)
+    for name, lo, hi in (("default", 0.0, 0.5), ("study", 0.5, 20.0)):
+        model = build_model("ltc", 1, 8) if name == "study" else Forecaster(1, 8, cell="ltc")
+        tau = model.cell.time_constants(x, h)
+        assert lo < float(tau.median()) < hi, name
+    study = build_model("ltc", 1, 8)
+    h1, h5 = (study.cell(x, h, torch.full((16,), g)) for g in (1.0, 5.0))
+    assert float((h5 - h1).abs().mean()) > 0.1 * float(h5.abs().mean())  # the gap still moves the state
 
 
 def test_make_irregular_keeps_real_readings_with_bursts_and_dropouts() -> None:
