@@ -56,7 +56,11 @@ class Settings(BaseSettings):
     kafka_config: dict[str, str] = Field(default_factory=dict)
 
     # --- batching ---------------------------------------------------------------------------------------
-    batch_max_messages: int = Field(default=5000, ge=1)
+    #: Readings per batch at most.  Per-batch Kafka work (flush, changelog, commit or transaction) is paid once
+    #: per batch, so a backlog drains faster in bigger batches: 5,000 -> 10,000 took the at-least-once drain
+    #: from 44,930 to 57,358-58,721 readings/s on the 2-core box (docs/performance.md, entry 22).  Up to two
+    #: batches of outputs are in flight, well inside librdkafka's 100,000-message producer queue.
+    batch_max_messages: int = Field(default=10_000, ge=1)
     #: Milliseconds ``consume`` waits while filling one batch.  A backlog fills ``batch_max_messages`` at once
     #: whatever this is; under light load it bounds the wait a reading spends before its batch starts.
     #: Measured (docs/performance.md): 100 -> 10 ms cut p99 at 5,000 readings/s from 394-458 to 232-240 ms
