@@ -21,6 +21,7 @@ import re
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -199,34 +200,45 @@ def test_sigkill_at_random_moments_gives_exactly_one_equal_prediction(
 
 
 # -------------------------------------------------------------------------------------------- (b)
-def test_worker_joining_and_leaving_keeps_exactly_once(
-        kafka_bootstrap: str, topics: Topics, trained_model: Path, tmp_path: Path,
-        processes: list[subprocess.Popen[str]], group: str) -> None:
-    t0 = time.monotonic()
+@dataclass(frozen=True)
+class Handover:
+    """What :func:`join_and_leave` saw: the inputs, each worker's final stats, the committed totals."""
+
+    inputs: dict[Coord, Rec]
+    stats_a: dict[str, Any]
+    stats_b: dict[str, Any]
+    joined_at: int
+    left_at: int
+
+
+def join_and_leave(bootstrap: str, topics: Topics, model: Path, tmp: Path, processes: list[subprocess.Popen[str]],
+                   group: str, *, events: int, seed: int, overlap: int, worker_args: tuple[str, ...]) -> Handover:
+    """Worker a runs; b joins once a has committed 1,000 readings, works ``overlap`` more, leaves on SIGTERM;
+    a finishes.  Both must exit cleanly, hand partitions over with their devices' state and re-process
+    nothing."""
     # Paced input, so that the stream is still flowing while the second worker joins and leaves.
-    sim = spawn(simulate_cmd(kafka_bootstrap, topics, tmp_path, "--devices", "100", "--events", str(SCALE_EVENTS),
-                             "--malformed", "10", "--rate", "700", "--anomaly-rate", "10", "--seed", "31"),
-                tmp_path / "sim.log", processes)
-    args = ("--batch-max-messages", "500")
-    log_a, log_b = tmp_path / "worker-a.log", tmp_path / "worker-b.log"
-    a = spawn(run_cmd(kafka_bootstrap, topics, group, trained_model, "--exit-when-idle", "8", "--worker-id", "a",
-                      *args), log_a, processes, ENV)
-    probe = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": group, "enable.auto.commit": False})
+    sim = spawn(simulate_cmd(bootstrap, topics, tmp, "--devices", "100", "--events", str(events),
+                             "--malformed", "10", "--rate", "700", "--anomaly-rate", "10", "--seed", str(seed)),
+                tmp / "sim.log", processes)
+    log_a, log_b = tmp / "worker-a.log", tmp / "worker-b.log"
+    a = spawn(run_cmd(bootstrap, topics, group, model, "--exit-when-idle", "8", "--worker-id", "a",
+                      *worker_args), log_a, processes, ENV)
+    probe = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
     try:
         wait_for(probe, topics.input, 1000, a, log_a)
-        b = spawn(run_cmd(kafka_bootstrap, topics, group, trained_model, "--exit-when-idle", "300",
-                          "--worker-id", "b", *args), log_b, processes, ENV)
+        b = spawn(run_cmd(bootstrap, topics, group, model, "--exit-when-idle", "300",
+                          "--worker-id", "b", *worker_args), log_b, processes, ENV)
         deadline = time.monotonic() + PROGRESS_DEADLINE_S
         while not re.search(r"assigned \['", log_b.read_text()):  # a non-empty assignment: it took over
             assert b.poll() is None and time.monotonic() < deadline, log_b.read_text()[-4000:]
             time.sleep(0.1)
         joined_at = committed_total(probe, topics.input)
         # Both work for a while (bounded, so that b leaves before the paced input ends on a slow machine).
-        wait_for(probe, topics.input, min(joined_at + 2500, SCALE_EVENTS - 1500), b, log_b)
+        wait_for(probe, topics.input, min(joined_at + overlap, events - 1500), b, log_b)
         b.send_signal(signal.SIGTERM)
         rc_b, stats_b = finish(b, log_b, 60)
         left_at = committed_total(probe, topics.input)
-        inputs = produced(kafka_bootstrap, topics, sim, tmp_path / "sim.log")
+        inputs = produced(bootstrap, topics, sim, tmp / "sim.log")
         rc_a, stats_a = finish(a, log_a)
     finally:
         probe.close()
@@ -235,7 +247,16 @@ def test_worker_joining_and_leaving_keeps_exactly_once(
     assert stats_b["restored_devices"] > 0  # took the partitions over with their devices' state
     assert max(restored_counts(log_a)[1:], default=0) > 0, "the leaver's partitions came back without state"
     assert stats_a["consumed"] + stats_b["consumed"] == len(inputs)  # clean hand-overs re-process nothing
-    ref = reference(inputs, topics.input, trained_model)
-    worst = check_exactly_once(kafka_bootstrap, topics, inputs, ref)
-    print(f"\nb joined at {joined_at}, left at {left_at} of {len(inputs)}; a {json.dumps(stats_a)}; "
-          f"b {json.dumps(stats_b)}; max |diff| vs reference {worst:.2e}; test {time.monotonic() - t0:.1f} s")
+    return Handover(inputs, stats_a, stats_b, joined_at, left_at)
+
+
+def test_worker_joining_and_leaving_keeps_exactly_once(
+        kafka_bootstrap: str, topics: Topics, trained_model: Path, tmp_path: Path,
+        processes: list[subprocess.Popen[str]], group: str) -> None:
+    t0 = time.monotonic()
+    run = join_and_leave(kafka_bootstrap, topics, trained_model, tmp_path, processes, group, events=SCALE_EVENTS,
+                         seed=31, overlap=2500, worker_args=("--batch-max-messages", "500"))
+    ref = reference(run.inputs, topics.input, trained_model)
+    worst = check_exactly_once(kafka_bootstrap, topics, run.inputs, ref)
+    print(f"\nb joined at {run.joined_at}, left at {run.left_at} of {len(run.inputs)}; a {json.dumps(run.stats_a)}; "
+          f"b {json.dumps(run.stats_b)}; max |diff| vs reference {worst:.2e}; test {time.monotonic() - t0:.1f} s")
