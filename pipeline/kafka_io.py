@@ -71,6 +71,7 @@ class KafkaWorker(Rebalancing):
             AtLeastOnce(self.producer, self.consumer, self._assigned, settings.group_id,
                         pipelined=settings.pipelined_commits)
         self._replayed: dict[TopicPart, int] = {}  # offsets below this are already in the restored state
+        self._replay_done: dict[TopicPart, int] = {}  # next offset after replays skipped, to commit with the next
         self._restoring, self._warned = set[TopicPart](), dict[int, float]()
         self._restorer: Consumer | None = None
         self._stop_reason: str | None = None  # why run() stops (signal, idle); None while running
@@ -109,6 +110,9 @@ class KafkaWorker(Rebalancing):
                 if batch:
                     self._handle(batch)
                 else:
+                    replays = self._take_replay_done()
+                    if replays:
+                        self.committer.commit([], [], replays)
                     self.committer.settle()  # no input now: what is in flight needs no next batch to commit
                     if s.exit_when_idle_s is not None and \
                             time.monotonic() - self._last_activity >= s.exit_when_idle_s:
@@ -145,6 +149,12 @@ class KafkaWorker(Rebalancing):
         raise AssertionError  # unreachable: the last attempt returns or raises
 
     # ------------------------------------------------------------------ batches
+    def _take_replay_done(self) -> dict[TopicPart, int]:
+        """Offsets past the replays skipped since the last call, for partitions still assigned (the batch's own
+        commits, later in each partition, take precedence when merged after these)."""
+        done, self._replay_done = self._replay_done, {}
+        return {tp: o for tp, o in done.items() if tp in self._assigned}
+
     def _data(self, messages: list[Message]) -> list[Message]:
         """The data messages of partitions still assigned, minus replays; consumer errors handled here."""
         data: list[Message] = []
@@ -156,6 +166,9 @@ class KafkaWorker(Rebalancing):
                     self.stats.skipped_revoked += 1
                 elif (m.offset() or 0) < self._replayed.get(where, -1):
                     self.stats.skipped_replayed += 1  # at-least-once after a crash: outputs delivered already
+                    # ... and their offsets may be uncommitted (the predecessor died between its changelog and its
+                    # offset commit): commit past them, or a partition with nothing newer would stay behind.
+                    self._replay_done[where] = max(self._replay_done.get(where, 0), (m.offset() or 0) + 1)
                 else:
                     data.append(m)
             elif err.fatal():
@@ -183,7 +196,7 @@ class KafkaWorker(Rebalancing):
             self.ops.batch_done(out, seconds, len(self.operator.store))
             self._last_activity = time.monotonic()
 
-        if not self.committer.commit(out.records, changelog, out.commits, done):
+        if not self.committer.commit(out.records, changelog, self._take_replay_done() | out.commits, done):
             self._rewind(batch, undo)
             return
         self._aborts_in_row = 0

@@ -622,6 +622,17 @@ def test_at_least_once_skips_readings_the_restored_state_already_holds() -> None
     assert consumer.commits == [{("readings", 0): 7}]
 
 
+def test_at_least_once_commits_past_replays_even_with_nothing_newer() -> None:
+    # The predecessor died after its changelog (progress 5) and before its offset commit (3): the only readings
+    # left are replays.  They are skipped, and their offsets still commit, or the partition stays behind.
+    restored, _ = _restored({"a": 0}, {0: 5})
+    worker, consumer, _ = _worker([_now_batch(0, 3, 2, "a")], committed={0: 3})
+    worker.restored = restored
+    assert worker.run() == 0
+    assert worker.stats.skipped_replayed == 2 and worker.stats.consumed == 0
+    assert consumer.commits == [{("readings", 0): 5}]
+
+
 def test_idle_devices_are_evicted_with_a_changelog_tombstone() -> None:
     worker, _, log = _worker([], guarantee="exactly_once")
     producer: FakeProducer = worker.producer  # type: ignore[assignment]
