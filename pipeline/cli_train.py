@@ -3,8 +3,10 @@
 Starting model: the newest update of the lineage on ``model_updates_topic`` that verifies (a restarted trainer
 continues its lineage rather than falling back to the file), else ``--model`` (``LIQUIDSTREAM_MODEL``), else
 an untrained model (with a warning).  The next published ``seq`` is one above the highest *verified* seq on
-the topic, so numbering stays monotonic across restarts.  A signing key is required: nothing unsigned is
-ever published.
+the topic, so numbering stays monotonic across restarts.  The topic is read only after the update publisher
+started (:func:`fenced_start`): its ``init_transactions`` fences any older trainer of the lineage first, so the
+seq read then stays the lineage's newest until this trainer publishes.  A fenced trainer exits
+:data:`~pipeline.train_worker.EXIT_FENCED` (3).  A signing key is required: nothing unsigned is ever published.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ import logging
 import os
 import signal
 import socket
+import sys
 from typing import TYPE_CHECKING, Any
 
 from pipeline.cli import Handler, device_flag, non_negative_float, port, positive_int
 from pipeline.cli_kafka import DEFAULT_CHANNELS, _kafka_flags
-from pipeline.errors import ConfigurationError, PipelineError
+from pipeline.errors import ConfigurationError, PipelineError, TrainerFenced
 from pipeline.logs import setup_logging
 from pipeline.settings import Settings
 
@@ -28,6 +31,7 @@ if TYPE_CHECKING:  # torch is imported only when the command runs, not by `--hel
     from pipeline.health import Health, ReadyCheck
     from pipeline.metrics import Metrics
     from pipeline.ops_server import OpsServer
+    from pipeline.update_publisher import UpdatePublisher
 
 log = logging.getLogger("liquidstream")
 #: Liveness window of the trainer: one candidate training may hold the loop for minutes.
@@ -108,6 +112,16 @@ def starting_point(settings: Settings, channels: int | None, key: bytes) -> tupl
     return base, version, top_seq
 
 
+def fenced_start(settings: Settings, channels: int | None,
+                 key: bytes) -> tuple[UpdatePublisher, Forecaster, str, int]:
+    """The started publisher (older trainers of the lineage fenced), then :func:`starting_point`."""
+    from pipeline.update_publisher import UpdatePublisher
+
+    publisher = UpdatePublisher(settings)
+    publisher.start()
+    return (publisher, *starting_point(settings, channels, key))
+
+
 def _serve_ops(settings: Settings, ready: ReadyCheck) -> tuple[Metrics, Health, OpsServer]:
     from pipeline.health import Health
     from pipeline.metrics import Metrics
@@ -129,7 +143,7 @@ def _cmd_train_worker(args: argparse.Namespace, settings: Settings) -> int:
     from operators.online import OnlineLearner
     from pipeline.health import preflight
     from pipeline.model_record import signing_key
-    from pipeline.train_worker import TrainWorker
+    from pipeline.train_worker import EXIT_FENCED, TrainWorker
 
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-trainer"
     setup_logging(settings, static={"worker": worker_id})
@@ -138,13 +152,18 @@ def _cmd_train_worker(args: argparse.Namespace, settings: Settings) -> int:
         msg = "train-worker needs LIQUIDSTREAM_MODEL_SIGNING_KEY: it publishes signed updates only"
         raise ConfigurationError(msg)
     preflight(settings)
-    model, version, seq = starting_point(settings, args.channels, key)
+    try:
+        publisher, model, version, seq = fenced_start(settings, args.channels, key)
+    except TrainerFenced as ex:  # a trainer of the lineage started at the same moment, and won
+        log.error("trainer stopping: %s", ex)
+        print(f"liquidstream train-worker: error: {ex}", file=sys.stderr)
+        return EXIT_FENCED
     device = settings.torch_device()
     learner = OnlineLearner(model, settings.operator, settings.online, device=device, model_version=version)
     log.info("trainer on %s: model version %s, next seq %d", device, version, seq + 1)
     metrics, health, server = _serve_ops(settings, lambda: True)
-    worker = TrainWorker(settings, learner, seq=seq, signing_key=key, worker_id=worker_id, metrics=metrics,
-                         max_updates=args.max_updates, beat=health.beat)
+    worker = TrainWorker(settings, learner, seq=seq, signing_key=key, worker_id=worker_id, publisher=publisher,
+                         metrics=metrics, max_updates=args.max_updates, beat=health.beat)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, worker.stop)
     try:

@@ -24,6 +24,7 @@ __all__ = [
     "EncodeError",
     "KafkaDeliveryError",
     "PipelineError",
+    "TrainerFenced",
 ]
 
 
@@ -61,3 +62,19 @@ class KafkaDeliveryError(PipelineError, RuntimeError):
         self.reason = reason
         where = topic if partition is None else f"{topic}[{partition}]"
         super().__init__(f"delivery to {where} failed: {reason}")
+
+
+class TrainerFenced(PipelineError):
+    """A newer trainer of the same model lineage started: this one may publish nothing more and must stop.
+
+    Raised by :class:`pipeline.update_publisher.UpdatePublisher` when the broker refuses its transaction
+    because another producer initialised the lineage's ``transactional.id`` (Kafka fencing).
+    """
+
+    def __init__(self, lineage: str, topic: str, transactional_id: str) -> None:
+        self.lineage = lineage
+        self.topic = topic
+        self.transactional_id = transactional_id
+        msg = (f"trainer of lineage {lineage!r} on {topic} was fenced by a newer trainer of the same lineage "
+               f"(transactional.id {transactional_id}); stopping without publishing")
+        super().__init__(msg)

@@ -1,12 +1,15 @@
 """Model updates through Kafka: the compacted topic, the trainer's publisher, the serving worker's follower.
 
-Record format and signature: :mod:`pipeline.model_record`.  :class:`UpdateGate` decides what a process may
-adopt: a record must be signed with this process's key, of its lineage, with a ``seq`` above the model it
-serves (an older record replayed is *stale*), of the same architecture, and decode to weights that hash to
-the version it claims.  :class:`ModelFollower` is the serving worker's side: a consumer outside any group,
-assigned every partition of the topic from the beginning (a restarted worker finds the latest compacted
-update), polled without blocking *between* batches; per poll it screens the new records cheaply (signature,
-header, order) and fully decodes at most one, the newest.  Every adoption and rejection is logged and counted
+Record format and signature: :mod:`pipeline.model_record`.  The trainer's side, a transactional publisher
+that fences a second trainer of the lineage: :mod:`pipeline.update_publisher` (:class:`UpdatePublisher`,
+re-exported here).  :class:`UpdateGate` decides what a process may adopt: a record must be signed with this
+process's key, of its lineage, with a ``seq`` above the model it serves (an older record replayed is
+*stale*), of the same architecture, and decode to weights that hash to the version it claims.
+:class:`ModelFollower` is the serving worker's side: a consumer outside any group (``read_committed``: an
+update whose transaction aborted, e.g. a fenced trainer's, is never seen), assigned every partition of the
+topic from the beginning (a restarted worker finds the latest compacted update), polled without blocking
+*between* batches; per poll it screens the new records cheaply (signature, header, order) and fully decodes
+at most one, the newest.  Every adoption and rejection is logged and counted
 (``liquidstream_model_updates_total{result, reason}``).
 
 >>> import torch
@@ -31,19 +34,16 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient
 
 from operators.forecaster import Forecaster
-from pipeline.errors import KafkaDeliveryError
 from pipeline.metrics import Metrics
 from pipeline.model_record import (
-    MAX_RECORD_BYTES,
     Envelope,
     HeadersLike,
     ModelUpdate,
     RejectReason,
-    UpdateRecord,
     UpdateRejected,
     check_compatible,
     decode,
@@ -51,7 +51,7 @@ from pipeline.model_record import (
     verify,
 )
 from pipeline.settings import Settings
-from pipeline.transactions import FLUSH_TIMEOUT_S, DeliveryTracker, producer_config
+from pipeline.update_publisher import UpdatePublisher
 from pipeline.updates_topic import assign_from_start, ensure_updates_topic, read_latest, updates_consumer, where
 
 __all__ = ["ModelFollower", "UpdateGate", "UpdatePublisher", "ensure_updates_topic", "read_latest"]
@@ -82,23 +82,6 @@ class UpdateGate:
         update = decode(envelope)
         self.seq = update.seq
         return update
-
-
-class UpdatePublisher:
-    """Idempotent producer of signed updates; :meth:`publish` returns once the broker acknowledged."""
-
-    def __init__(self, settings: Settings, producer: Producer | None = None) -> None:
-        self.topic = settings.model_updates_topic
-        self.producer = producer or Producer(producer_config(settings) | {"message.max.bytes": MAX_RECORD_BYTES})
-        self.tracker = DeliveryTracker()
-
-    def publish(self, record: UpdateRecord) -> None:
-        self.producer.produce(self.topic, record.value, record.key, headers=list(record.headers),
-                              on_delivery=self.tracker)
-        if left := self.producer.flush(FLUSH_TIMEOUT_S):
-            raise KafkaDeliveryError(self.topic, f"model update seq {record.seq} unacknowledged ({left} left)")
-        self.tracker.check()
-        log.info("published model update seq %d version %s to %s", record.seq, record.version, self.topic)
 
 
 class ModelFollower:

@@ -6,10 +6,13 @@ codec (rejects are counted and skipped: the serving workers dead-letter them) an
 :meth:`OnlineLearner.observe <operators.online.OnlineLearner.observe>`.  Every ``trainer_interval_s`` in which
 new readings arrived it first asks for a rollback (live error up since the last swap), else trains a candidate
 (:meth:`~operators.online.OnlineLearner.learn`, the guards decide); an accepted model or a rollback is signed,
-published to ``model_updates_topic`` with the next ``seq`` (idempotent producer, acknowledged before going
-on), and only then adopted by the learner.  Offsets are committed at each attempt and at shutdown.
+published to ``model_updates_topic`` with the next ``seq`` (one transaction, acknowledged before going on),
+and only then adopted by the learner.  Offsets are committed at each attempt and at shutdown.
 
-One trainer per lineage: two would number their updates independently.  SIGTERM/SIGINT finish the current
+One trainer per lineage, enforced by Kafka: the publisher's transactional id is the lineage's
+(:mod:`pipeline.update_publisher`), so a newer trainer fences this one, whose next publish raises
+:class:`~pipeline.errors.TrainerFenced`: it adopts nothing, leaves the offsets read since its last commit
+uncommitted (their model is discarded) and exits :data:`EXIT_FENCED`.  SIGTERM/SIGINT finish the current
 step and exit 0; the last stdout line is a JSON summary, like ``liquidstream run``'s.
 """
 
@@ -29,7 +32,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from operators.forecaster import Forecaster
 from pipeline.codec import DecodeLimits, decode_batch
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, TrainerFenced
 from pipeline.metrics import Metrics
 from pipeline.model_record import build_record
 from pipeline.model_updates import UpdatePublisher
@@ -37,9 +40,10 @@ from pipeline.settings import Settings
 from pipeline.transactions import consumer_config
 from pipeline.worker import TopicPart, offsets_to_commit
 
-__all__ = ["Decision", "Learner", "TrainWorker", "TrainerStats"]
+__all__ = ["EXIT_FENCED", "Decision", "Learner", "TrainWorker", "TrainerStats"]
 log = logging.getLogger("liquidstream.trainer")
 STATS_EVERY_S = 10.0  # seconds between periodic stats lines
+EXIT_FENCED = 3  # exit code of a trainer fenced by a newer one of its lineage (2: other errors, 1: a bug)
 
 
 class Decision(Protocol):
@@ -97,7 +101,8 @@ class TrainWorker:
                  consumer: Consumer | None = None, publisher: UpdatePublisher | None = None,
                  metrics: Metrics | None = None, max_updates: int | None = None,
                  beat: Callable[[], None] | None = None, clock: Callable[[], float] = time.monotonic) -> None:
-        """``seq``: the highest seq published so far in the lineage; ``beat``: liveness, once per loop turn."""
+        """``seq``: the highest seq of the lineage on the topic, read after ``publisher.start()`` (which
+        :meth:`run` calls if the caller has not); ``beat``: liveness, once per loop turn."""
         self.settings, self.learner, self.seq, self.key = settings, learner, seq, signing_key
         self.worker_id, self.max_updates, self.clock = worker_id, max_updates, clock
         self.metrics, self.beat = metrics or Metrics(), beat or (lambda: None)
@@ -117,6 +122,7 @@ class TrainWorker:
     def run(self) -> int:
         s, code = self.settings, 0
         try:
+            self.publisher.start()
             self.consumer.subscribe([s.input_topic], on_revoke=self._on_revoke)
             log.info("trainer %s learning from %s as group %s; model %s seq %d; updates to %s (lineage %r) every "
                      "%s s", self.worker_id, s.input_topic, s.trainer_group, self.learner.version, self.seq,
@@ -133,6 +139,10 @@ class TrainWorker:
                 if now - self._last_stats >= STATS_EVERY_S:
                     self._last_stats = now
                     log.info("trainer stats %s", json.dumps(self._summary()))
+        except TrainerFenced as ex:
+            log.error("trainer stopping: %s", ex)
+            self._pending.clear()  # learned into a model nobody will serve: left for the group to read again
+            code = EXIT_FENCED
         except (PipelineError, KafkaException) as ex:
             log.error("trainer stopping: %s", ex)
             code = 2
@@ -228,6 +238,7 @@ class TrainWorker:
     def _close(self, code: int) -> None:
         log.info("trainer shutting down (%s)", self._stop_reason or f"exit code {code}")
         self._commit()
+        self.publisher.close()
         try:
             self.consumer.close()
         except KafkaException as ex:

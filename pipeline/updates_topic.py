@@ -2,8 +2,10 @@
 
 One partition keeps a lineage's records in order; compaction keeps the newest record per key, so a process
 that starts later still finds the latest update.  The trainer reads the topic to its end at start-up
-(:func:`read_latest`) to continue its lineage's numbering; serving workers follow it with
-:class:`pipeline.model_updates.ModelFollower`.  Timeouts are seconds.
+(:func:`read_latest`), after its publisher fenced older trainers of the lineage
+(:mod:`pipeline.update_publisher`), to continue its lineage's numbering; serving workers follow it with
+:class:`pipeline.model_updates.ModelFollower`.  Both read ``read_committed``: the records of an aborted
+transaction (a fenced trainer's) are never seen.  Timeouts are seconds.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def ensure_updates_topic(admin: AdminClient, topic: str) -> None:
 
 
 def updates_consumer(settings: Settings, purpose: str) -> Consumer:
-    """A consumer outside any group (assign only, never commits) for the updates topic."""
+    """A consumer outside any group (assign only, never commits) for the updates topic; ``read_committed``,
+    so that an update whose transaction a newer trainer aborted (fencing) is never adopted nor counted."""
     return Consumer(settings.kafka_client_config() | {
         "group.id": f"{settings.group_id}-{purpose}", "enable.auto.commit": False, "auto.offset.reset": "earliest",
         "isolation.level": "read_committed", "enable.partition.eof": True, "fetch.wait.max.ms": 10})

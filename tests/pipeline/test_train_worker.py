@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from confluent_kafka import KafkaError, Message, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
 from operators import Forecaster, OperatorSettings
 from operators.model_io import model_version
@@ -108,20 +108,47 @@ class TrainerConsumer:
 
 
 class UpdatesProducer:
-    def __init__(self, events: list[str], fail: bool = False) -> None:
-        self.events, self.fail, self.sent, self.queued = events, fail, list[tuple[Any, ...]](), list[Any]()
+    """Transactional producer: ``fail`` aborts every transaction (delivery timed out); from the
+    ``fenced_from``-th commit on (1-based) a newer trainer has fenced this one."""
+
+    def __init__(self, events: list[str], fail: bool = False, fenced_from: int | None = None) -> None:
+        self.events, self.fail, self.fenced_from = events, fail, fenced_from
+        self.sent, self.committed, self.queued = list[tuple[Any, ...]](), list[tuple[Any, ...]](), list[Any]()
+        self.calls: list[str] = []
+
+    def init_transactions(self, timeout: float = -1) -> None:
+        self.calls.append("init")
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
 
     def produce(self, topic: str, value: bytes, key: bytes, headers: Any = None, on_delivery: Any = None) -> None:
+        self.calls.append("produce")
         self.sent.append((topic, key, value, headers))
         self.queued.append(on_delivery)
 
-    def flush(self, timeout: float = -1) -> int:
+    def commit_transaction(self, timeout: float = -1) -> None:
+        self.calls.append("commit")
+        if self.fenced_from is not None and self.calls.count("commit") >= self.fenced_from:
+            raise KafkaException(KafkaError(KafkaError._FENCED, "fenced by a newer instance", fatal=True))
         for callback in self.queued:
-            err = KafkaError(KafkaError._MSG_TIMED_OUT) if self.fail else None
-            callback(err, Message(topic="updates", partition=0))
+            callback(KafkaError(KafkaError._MSG_TIMED_OUT) if self.fail else None, Message(topic="updates"))
         self.queued.clear()
+        if self.fail:
+            raise KafkaException(KafkaError(KafkaError._MSG_TIMED_OUT, "timed out", txn_requires_abort=True))
+        self.committed.append(self.sent[-1])
         self.events.append("published")
+
+    def abort_transaction(self, timeout: float = -1) -> None:
+        self.calls.append("abort")
+        self.queued.clear()
+
+    def poll(self, timeout: float = -1) -> int:
         return 0
+
+    def purge(self) -> None:
+        self.calls.append("purge")
+        self.queued.clear()
 
 
 def _readings(partition: int, start: int, n: int, devices: Sequence[str] = ("a", "b")) -> list[Message]:
@@ -135,8 +162,10 @@ def _readings(partition: int, start: int, n: int, devices: Sequence[str] = ("a",
 
 
 def _trainer(learner: Any, batches: list[list[Message]], *, fail: bool = False, max_updates: int | None = None,
-             seq: int = 4, settings: Settings = SETTINGS) -> tuple[TrainWorker, TrainerConsumer, UpdatesProducer]:
-    consumer, producer = TrainerConsumer(batches), UpdatesProducer(getattr(learner, "events", []), fail)
+             seq: int = 4, settings: Settings = SETTINGS,
+             fenced_from: int | None = None) -> tuple[TrainWorker, TrainerConsumer, UpdatesProducer]:
+    consumer = TrainerConsumer(batches)
+    producer = UpdatesProducer(getattr(learner, "events", []), fail, fenced_from)
     worker = TrainWorker(settings, learner, seq=seq, signing_key=KEY, worker_id="trainer-1",
                          consumer=consumer,  # type: ignore[arg-type]
                          publisher=UpdatePublisher(settings, producer=producer),  # type: ignore[arg-type]
