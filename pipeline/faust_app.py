@@ -4,6 +4,7 @@
 agent runs the worker's own step, :func:`pipeline.worker.handle_batch`, so the records are the same.  Device state
 lives in a faust table (device id -> ``DeviceStateStore.snapshot([device_id])``) whose changelog restores devices
 after restarts and rebalances.  At least once: a batch is acked once its outputs, then its state, are delivered.
+Signed model updates are followed as the worker does, between batches (:mod:`pipeline.faust_updates`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from pipeline.cli_kafka import build_operator
 from pipeline.codec import DecodeLimits
 from pipeline.errors import ConfigurationError
 from pipeline.faust_offsets import METADATA_TIMEOUT_S, Events, OffsetGuard
+from pipeline.faust_updates import UPDATES_EVERY_S, ModelUpdates
 from pipeline.settings import Settings
 from pipeline.worker import BatchOutput, DeviceRegistry, OutputTopics, Stats, handle_batch
 
@@ -99,8 +101,9 @@ def input_partitions(settings: Settings) -> int:
 class FaustStep:
     """The agent's state and per-batch work: one operator, its device registry, the state table."""
 
-    def __init__(self, app: faust.App, settings: Settings, operator: LiquidOperator, table: DeviceStateTable) -> None:
-        self.app, self.operator, self.table = app, operator, table
+    def __init__(self, app: faust.App, settings: Settings, operator: LiquidOperator, table: DeviceStateTable,
+                 updates: ModelUpdates | None = None) -> None:
+        self.app, self.operator, self.table, self.updates = app, operator, table, updates
         self.topics = OutputTopics(settings.predictions_topic, settings.alerts_topic, settings.dlq_topic)
         self.limits = DecodeLimits.from_settings(settings, operator.n_channels)
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-faust"
@@ -117,7 +120,9 @@ class FaustStep:
             log.info("restored %d device(s) from table %s", sum(b is not None for b in blobs), TABLE_NAME)
 
     def _compute(self, messages: list[EventMessage]) -> tuple[BatchOutput, list[tuple[str, bytes]]]:
-        """Off the event loop: restore, handle the batch, snapshot its devices (one bulk snapshot, split)."""
+        """Off the event loop: adopt a model update, restore, handle the batch, snapshot its devices."""
+        if self.updates is not None:  # between batches: the previous one is delivered, this one not begun
+            self.updates.adopt()
         out = handle_batch(messages, self.operator, self.topics, self.limits, time.time_ns() // 1_000_000,
                            self.worker_id, before_process=self._restore)
         store = self.operator.store
@@ -149,10 +154,27 @@ class FaustStep:
             dropped = self.operator.store.drop(self.registry.release((tp.topic, tp.partition) for tp in revoked))
         log.info("partitions revoked: %d device(s) dropped from the operator", len(dropped))
 
+    def summary(self) -> dict[str, Any]:
+        """The worker's stats figures, the devices held and the model served (and its updates, if followed)."""
+        out = self.stats.as_dict() | {"devices": len(self.operator.store), "model_version": self.operator.model_version}
+        return out | ({"model_updates": self.updates.stats()} if self.updates is not None else {})
+
     async def tick(self) -> None:
         if not self.lock.locked():
             await self.guard.unstall()
-        log.info("stats %s", json.dumps(self.stats.as_dict() | {"devices": len(self.operator.store)}))
+        log.info("stats %s", json.dumps(self.summary()))
+
+    async def follow(self) -> None:
+        """Timer: an idle agent has no batch to poll before, so poll here, never while a batch holds the lock."""
+        if self.updates is not None and not self.lock.locked():
+            async with self.lock:
+                await asyncio.to_thread(self.updates.adopt)
+
+    async def on_shutdown(self, sender: Any, *args: Any, signal: Any, **kwargs: Any) -> None:
+        """``app.on_before_shutdown`` receiver (the consumer is stopped): close the follower, log final stats."""
+        if self.updates is not None:
+            await asyncio.to_thread(self.updates.close)
+        log.info("final stats %s", json.dumps(self.summary() | {"final": True}))
 
 
 def build_app(settings: Settings, operator: LiquidOperator | None = None) -> faust.App:
@@ -162,6 +184,9 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
         raise ConfigurationError(msg)
     operator = operator or build_operator(settings, None)
     partitions = input_partitions(settings)
+    updates = ModelUpdates.from_settings(settings, operator)
+    if updates is not None:
+        updates.start()
     app = faust.App(
         settings.group_id + "-faust", broker=f"kafka://{settings.bootstrap}", store="memory://", web_enabled=False,
         topic_partitions=partitions, key_serializer="raw", value_serializer="raw",
@@ -173,7 +198,7 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
     table = app.tables.add(DeviceStateTable(app, name=TABLE_NAME, beacon=app.tables.beacon, partitions=partitions,
                                             key_type=bytes, value_type=bytes,
                                             help="device id (UTF-8) -> DeviceStateStore snapshot"))
-    step = FaustStep(app, settings, operator, cast(DeviceStateTable, table))
+    step = FaustStep(app, settings, operator, cast(DeviceStateTable, table), updates)
     within_s = settings.batch_max_ms / 1000.0
 
     async def liquid_operator(stream: StreamT[bytes]) -> None:
@@ -187,8 +212,11 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
 
     app.agent(source, name=AGENT_NAME)(liquid_operator)
     app.timer(STATS_EVERY_S, name="tick")(step.tick)
+    if updates is not None:
+        app.timer(UPDATES_EVERY_S, name="model-updates")(step.follow)
     # mode's SignalHandlerT rejects every function, even one of exactly its documented shape
     app.on_partitions_revoked.connect(step.on_revoked)  # type: ignore[arg-type]
+    app.on_before_shutdown.connect(step.on_shutdown)  # type: ignore[arg-type]
     log.info("faust app %s: %s (%d partitions), model %s", app.conf.id, settings.input_topic, partitions,
              operator.model_version)
     return app
