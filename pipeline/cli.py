@@ -63,7 +63,8 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
         irr = evaluate_irregular(settings, epochs=args.epochs or IRREGULAR_EPOCHS, hidden_size=args.hidden_size,
                                  seeds=args.seeds, peers=not args.no_peers, objectives=(args.objective,),
-                                 stream_names=tuple(args.streams.split(",")))
+                                 stream_names=tuple(args.streams.split(",")),
+                                 sim_train_devices=args.sim_train_devices)
         print(format_irregular(irr))
         if args.json:
             print(json.dumps(irr))
@@ -160,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or mean and spread with the mean's gradient of squared error (beta-nll)")
     p.add_argument("--streams", default="co2,elnino,waterflow,simulator",
                    help="irregular: comma-separated streams among co2, elnino, waterflow, simulator, sines (control)")
+    p.add_argument("--sim-train-devices", type=positive_int, default=96,
+                   help="irregular: simulated devices the simulator stream's models train on (32 others are held out)")
     _model_flags(p, epochs=20)
     p.set_defaults(epochs=None)  # per benchmark: skab 20, irregular IRREGULAR_EPOCHS
     handlers["evaluate"] = _cmd_evaluate

@@ -33,14 +33,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from operators import Forecaster
-from operators.cells.base import ContinuousCell
 from operators.training import Sequences, Trainer
 from pipeline.errors import ConfigurationError
 from pipeline.irregular_bins import bin_labels, gap_metrics
 from pipeline.irregular_data import Columns, co2_streams, elnino_streams, simulated, smooth_sines, water_flow_streams
+from pipeline.irregular_models import LTC_TAU_INIT_S, build_model, fix_spread, gap_blind
 from pipeline.settings import Settings
 
 #: Default epochs, truncated-BPTT window (readings) and seeds.  The CPU cost is per time step, so a short window
@@ -52,12 +50,13 @@ STREAMS, OBJECTIVES = ("co2", "elnino", "waterflow", "simulator", "sines"), ("ms
 #: What ``liquidstream evaluate irregular`` runs unless told otherwise: the target's irregular streams, the
 #: objective that matches the target metric (MSE); with the peers a few minutes on a 2-core box.
 DEFAULT_STREAMS, DEFAULT_OBJECTIVES = ("co2", "elnino", "waterflow", "simulator"), ("mse",)
-#: LTC's initial time constants in seconds (``LTCCell`` ``tau_init_min/max``), on the gaps' scale: with ncps's
-#: (~0.1 s) the state relaxes within every gap, so the gap cannot matter (docs/evaluation.md, section 2).
-LTC_TAU_INIT_S = (1.0, 10.0)
 #: Adam learning rate per cell kind, a cell and its gap-blind twin alike: LTC learns slowly at 3e-3 (at 10
 #: epochs, 1e-2 matched 20 epochs at 3e-3 on co2); CfC learned less at 1e-2 (docs/evaluation.md, section 2).
 LEARNING_RATES = {"cfc": 3e-3, "ltc": 1e-2, "gru": 3e-3}
+#: Simulated devices the simulator stream's models train on (150 s each; 32 other devices are held out).  The
+#: simulator, unlike a recording, gives any amount of data: ``--sim-train-devices 960`` measures what ten
+#: times more buys (docs/evaluation.md, section 2); the default keeps the study to a few minutes.
+SIM_TRAIN_DEVICES = 96
 #: The gap bins of :mod:`pipeline.irregular_bins`, in order.
 BIN_LABELS = bin_labels()
 #: Model name -> (cell kind, gap-aware).  ``gru`` is :class:`GRUGapCell`.
@@ -65,76 +64,17 @@ MODELS: dict[str, tuple[str, bool]] = {"cfc": ("cfc", True), "cfc dt=1": ("cfc",
                                        "ltc dt=1": ("ltc", False), "gru+gap": ("gru", True)}
 
 
-class GRUGapCell(ContinuousCell):
-    """A discrete GRU behind the cell interface: the gap reaches it only as an input feature.
-
-    :class:`~operators.forecaster.Forecaster` appends ``log1p(dt)`` to every cell input, so this GRU is
-    "given the gap as an input" while its state update has no notion of elapsed time.
-
-    >>> cell = GRUGapCell(input_size=3, hidden_size=4)
-    >>> cell(torch.zeros(2, 3), torch.zeros(2, 4), torch.tensor([1.0, 5.0])).shape
-    torch.Size([2, 4])
-    """
-
-    def __init__(self, input_size: int, hidden_size: int) -> None:
-        super().__init__(input_size, hidden_size)
-        self.gru = nn.GRUCell(input_size, hidden_size)
-
-    def forward(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
-        out: torch.Tensor = self.gru(x, h)
-        return out
-
-    def time_constants(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        return torch.ones_like(h)  # one step, whatever the gap: a discrete cell has no time constant in seconds
-
-
-def build_model(kind: str, n_channels: int, hidden_size: int) -> Forecaster:
-    if kind == "gru":
-        model = Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell="liquid")
-        model.cell = GRUGapCell(n_channels + 1, hidden_size)  # same head, same dt feature, discrete state
-        return model
-    options: dict[str, object] = ({"backbone_units": hidden_size} if kind == "cfc" else
-                                  {"tau_init_min": LTC_TAU_INIT_S[0], "tau_init_max": LTC_TAU_INIT_S[1]})
-    return Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell=kind, cell_options=options)
-
-
-def fix_spread(model: Forecaster) -> Forecaster:
-    """Freeze the head's spread outputs at their initial value (unit std), so the production trainer's
-    Gaussian NLL becomes squared error / 2 (plus a constant): the ``mse`` objective.
-
-    The head's last layer starts at zero and its spread rows get zero gradients, so Adam never moves them.
-
-    >>> m = fix_spread(build_model("cfc", 1, 4))
-    >>> _, sd = m.forecast(torch.zeros(1, 4), torch.zeros(1, 1), torch.tensor([3.0]))
-    >>> round(float(sd.detach()), 3)
-    1.05
-    """
-    last = model.head[-1]
-    if isinstance(last, nn.Linear):
-        keep = torch.ones(last.out_features, 1)
-        keep[model.n_channels:] = 0.0  # rows [C:2C] produce the log-spread
-        last.weight.register_hook(lambda g: g * keep.to(g.device))  # type: ignore[no-untyped-call]
-        last.bias.register_hook(lambda g: g * keep[:, 0].to(g.device))  # type: ignore[no-untyped-call]
-    return model
-
-
-def gap_blind(seqs: Sequences) -> Sequences:
-    """The same readings with every gap replaced by the nominal period (1 s); first readings keep dt = 0."""
-    dt = torch.where(seqs.mask & (seqs.dt > 0), torch.ones_like(seqs.dt), torch.zeros_like(seqs.dt))
-    return Sequences(seqs.device_ids, seqs.values, dt, seqs.mask)
-
-
 def _seqs(cols: Columns) -> Sequences:
     return Sequences.from_columns(*cols)
 
 
-def streams(name: str, seed: int) -> tuple[Sequences, Sequences]:
+def streams(name: str, seed: int, sim_train_devices: int = SIM_TRAIN_DEVICES) -> tuple[Sequences, Sequences]:
     """Train and held-out test sequences of one study stream."""
     if name in (recordings := {"co2": co2_streams, "elnino": elnino_streams, "waterflow": water_flow_streams}):
         return _seqs((parts := recordings[name](seed))[0]), _seqs(parts[1])
     if name == "sines":
         return _seqs(smooth_sines(1000 + seed, 96, 450.0)), _seqs(smooth_sines(2000 + seed, 32, 450.0))
-    tr, _ = simulated(seed=1000 + seed, devices=96, duration_s=150.0)
+    tr, _ = simulated(seed=1000 + seed, devices=sim_train_devices, duration_s=150.0)
     te, _ = simulated(seed=2000 + seed, devices=32, duration_s=150.0)  # other devices: held out
     return _seqs(tr), _seqs(te)
 
@@ -177,23 +117,27 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def evaluate_irregular(settings: Settings, *, epochs: int = IRREGULAR_EPOCHS, hidden_size: int = 32,
                        seeds: int = IRREGULAR_SEEDS, peers: bool = True,
                        stream_names: tuple[str, ...] = DEFAULT_STREAMS,
-                       objectives: tuple[str, ...] = DEFAULT_OBJECTIVES) -> dict[str, Any]:
+                       objectives: tuple[str, ...] = DEFAULT_OBJECTIVES,
+                       sim_train_devices: int = SIM_TRAIN_DEVICES) -> dict[str, Any]:
     """The study's tables (and the peers' table unless ``peers`` is False), as one JSON-able dict:
     ``forecast[stream][objective][model]`` holds the metrics' means and stds over seeds."""
     unknown = set(stream_names) - set(STREAMS) | set(objectives) - set(OBJECTIVES)
     if unknown:
         msg = f"unknown irregular-study streams or objectives {sorted(unknown)}: choose from {STREAMS}, {OBJECTIVES}"
         raise ConfigurationError(msg)
+    if sim_train_devices < 1:
+        msg = f"sim_train_devices must be >= 1, got {sim_train_devices}"
+        raise ConfigurationError(msg)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tensors of a few dozen devices x 32 units: intra-op threads only add contention
     try:
-        return _evaluate(settings, epochs, hidden_size, seeds, peers, stream_names, objectives)
+        return _evaluate(settings, epochs, hidden_size, seeds, peers, stream_names, objectives, sim_train_devices)
     finally:
         torch.set_num_threads(threads)
 
 
 def _evaluate(settings: Settings, epochs: int, hidden_size: int, seeds: int, peers: bool,
-              stream_names: tuple[str, ...], objectives: tuple[str, ...]) -> dict[str, Any]:
+              stream_names: tuple[str, ...], objectives: tuple[str, ...], sim_devices: int) -> dict[str, Any]:
     device = settings.torch_device()
     t0 = time.perf_counter()
     table: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
@@ -201,7 +145,7 @@ def _evaluate(settings: Settings, epochs: int, hidden_size: int, seeds: int, pee
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {o: {m: [] for m in (*MODELS, "persistence")}
                                                              for o in objectives}
         for seed in range(seeds):
-            train, test = streams(sname, seed)
+            train, test = streams(sname, seed, sim_devices)
             base = run_model("persistence", train, test, epochs=0, hidden_size=hidden_size, seed=seed, device=device)
             for obj in objectives:
                 runs[obj]["persistence"].append(base)  # untrained: the same under either objective
@@ -214,7 +158,8 @@ def _evaluate(settings: Settings, epochs: int, hidden_size: int, seeds: int, pee
                 blind, aware = rows[f"{cell} dt=1"]["mse"], rows[cell]["mse"]
                 rows[cell]["mse_gain_vs_blind_pct"] = 100.0 * (blind - aware) / blind
     report: dict[str, Any] = {"epochs": epochs, "hidden_size": hidden_size, "seeds": seeds, "window": WINDOW,
-                              "learning_rates": LEARNING_RATES, "ltc_tau_init_s": LTC_TAU_INIT_S, "forecast": table}
+                              "learning_rates": LEARNING_RATES, "ltc_tau_init_s": LTC_TAU_INIT_S,
+                              "sim_train_devices": sim_devices, "forecast": table}
     if peers:
         from pipeline.irregular_peers import evaluate_peers
 
@@ -226,7 +171,8 @@ def _evaluate(settings: Settings, epochs: int, hidden_size: int, seeds: int, pee
 def format_irregular(report: dict[str, Any]) -> str:
     lines = [f"Irregular sampling: one-step forecast on held-out irregular streams, normalised units, mean +- std "
              f"over {report['seeds']} seeds ({report['epochs']} epochs, hidden {report['hidden_size']}, "
-             f"window {report['window']})"]
+             f"window {report['window']}; simulator models trained on "
+             f"{report.get('sim_train_devices', SIM_TRAIN_DEVICES)} devices)"]
     for sname, by_obj in report["forecast"].items():
         for obj, rows in by_obj.items():
             head = f"{sname} [{obj} objective]:"

@@ -11,7 +11,7 @@ import torch
 
 from operators import Forecaster
 from operators.training import MIN_HISTORY, Sequences, Trainer
-from pipeline.irregular import MODELS, GRUGapCell, build_model, fix_spread, gap_blind, run_model
+from pipeline.irregular import MODELS, evaluate_irregular, run_model, streams
 from pipeline.irregular_bins import GAP_EDGES_S, bin_labels, gap_metrics
 from pipeline.irregular_data import (
     co2,
@@ -24,6 +24,7 @@ from pipeline.irregular_data import (
     water_flow_path,
     water_flow_streams,
 )
+from pipeline.irregular_models import GRUGapCell, build_model, fix_spread, gap_blind
 from pipeline.irregular_peers import evaluate_peers, truth_flags
 from pipeline.settings import Settings
 from pipeline.simulator import Incident
@@ -109,6 +110,15 @@ def test_water_flow_train_and_test_do_not_overlap() -> None:
     (tr_ids, tr_ts, _), (te_ids, te_ts, _) = water_flow_streams(seed=0)
     assert tr_ts.max() < te_ts.min()
     assert len(set(tr_ids)) > 8 and len(set(te_ids)) > 8
+
+
+def test_simulator_training_devices_grow_while_the_held_out_devices_stay() -> None:
+    small_train, small_test = streams("simulator", seed=0, sim_train_devices=4)
+    big_train, big_test = streams("simulator", seed=0, sim_train_devices=12)
+    assert small_train.values.shape[0] == 4 and big_train.values.shape[0] == 12
+    assert torch.equal(small_test.values, big_test.values)  # the same 32 held-out devices
+    with pytest.raises(Exception, match="sim_train_devices must be >= 1"):
+        evaluate_irregular(Settings(), sim_train_devices=0, stream_names=("simulator",))
 
 
 def test_gap_blind_replaces_gaps_only() -> None:
