@@ -32,6 +32,7 @@ from pipeline.codec import DecodeLimits
 from pipeline.errors import ConfigurationError
 from pipeline.faust_offsets import METADATA_TIMEOUT_S, Events, OffsetGuard
 from pipeline.faust_updates import UPDATES_EVERY_S, ModelUpdates
+from pipeline.logs import setup_logging
 from pipeline.settings import Settings
 from pipeline.worker import BatchOutput, DeviceRegistry, OutputTopics, Stats, handle_batch
 
@@ -230,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     sys.argv[1:] = args
     settings = Settings()
     settings.configure_torch()
+    # The start-up lines (model, partitions, model updates followed) come before faust configures logging;
+    # without a handler they would be lost.  mode clears the root handlers when the worker starts, so this
+    # one serves the build only and no line is written twice.
+    setup_logging(settings)
     build_app(settings).main()
 
 

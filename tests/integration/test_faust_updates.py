@@ -121,6 +121,8 @@ def test_faust_app_adopts_signed_updates_and_rejects_forged_ones(kafka_bootstrap
     text = log.read_text()
     assert code == 0, text[-4000:]
     assert KEY not in text, "the signing key is a secret"
+    # start-up lines, written before faust sets up its logging, are not lost
+    assert "following model updates of lineage 'forecaster'" in text and "faust app " in text
     final = json.loads(text.split("final stats ", 1)[1].splitlines()[0])
     assert final["model_version"] == signed.version
     assert final["model_updates"] == {"adopted": 1, "rejected": 2, "superseded": 0, "seq": 1,
