@@ -32,7 +32,8 @@ TXN_RETRIES = 5  # tries of a transactional call that failed retriably
 #: Broker-side limit of an open transaction, ms: a crashed worker's open transaction blocks readers and the
 #: group's offset fetch until then, unless a worker with its transactional id starts first.
 TRANSACTION_TIMEOUT_MS = 30_000
-_FENCED = frozenset(getattr(KafkaError, n) for n in ("_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH"))
+#: Error codes meaning "another producer took over this transactional id" (librdkafka raises ``_FENCED``).
+FENCED_CODES = frozenset(getattr(KafkaError, n) for n in ("_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH"))
 RETRY_COMMIT = frozenset(getattr(KafkaError, name) for name in (  # commit again later, don't stop
     "REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION", "UNKNOWN_MEMBER_ID", "REQUEST_TIMED_OUT", "_TIMED_OUT",
     "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR", "COORDINATOR_LOAD_IN_PROGRESS", "_TRANSPORT", "_WAIT_COORD"))
@@ -165,7 +166,7 @@ class ExactlyOnce(Committer):
                 self._call(lambda: self.producer.send_offsets_to_transaction(
                     tps, self.consumer.consumer_group_metadata(), TXN_TIMEOUT_S), "send_offsets", where)
             self._call(lambda: self.producer.commit_transaction(TXN_TIMEOUT_S), "commit_transaction", where)
-        except _Abortable as ab:
+        except Abortable as ab:
             self.producer.poll(0)  # delivery reports: the first failure usually says why
             why = self.tracker.failures[0] if self.tracker.failures else str(ab)
             log.warning("transaction for %s aborted: %s", where, why)
@@ -186,24 +187,12 @@ class ExactlyOnce(Committer):
         self.tracker.failures.clear()
 
     def _call(self, call: Callable[[], None], what: str, where: str, tries: int = TXN_RETRIES) -> None:
-        """Run a transactional call: retry retriable errors, signal abortable ones, raise on the rest."""
-        for attempt in range(1, tries + 1):
-            try:
-                call()
-                return
-            except KafkaException as ex:
-                err: KafkaError = ex.args[0]
-                if err.code() in _FENCED or err.fatal():
-                    msg = (f"{what} for {where} failed: producer {self.txn_id} fenced or fatally failed "
-                           f"({err.str()}); another worker with this transactional id, or a broker-side abort")
-                    raise PipelineError(msg) from ex
-                if err.txn_requires_abort() and what != "abort_transaction":
-                    raise _Abortable(err.str()) from ex
-                if not err.retriable() or attempt == tries:
-                    msg = f"{what} for {where} failed after {attempt} attempt(s): {err.str()}"
-                    raise PipelineError(msg) from ex
-                log.warning("%s for %s: %s (retrying)", what, where, err.str())
-                time.sleep(0.1 * attempt)
+        call_transactional(call, what, where, self._fatal, tries)
+
+    def _fatal(self, err: KafkaError, what: str, where: str) -> PipelineError:
+        msg = (f"{what} for {where} failed: producer {self.txn_id} fenced or fatally failed "
+               f"({err.str()}); another worker with this transactional id, or a broker-side abort")
+        return PipelineError(msg)
 
     def close(self) -> None:
         if self._open:
@@ -213,5 +202,28 @@ class ExactlyOnce(Committer):
                 log.error("abort at shutdown failed: %s", ex)
 
 
-class _Abortable(Exception):
-    """Internal signal, never leaves this module: the transaction must be aborted (message: why)."""
+class Abortable(Exception):  # noqa: N818 (a signal to abort, not an error to report)
+    """The open transaction must be aborted (message: why); raised by :func:`call_transactional`, caught by the
+    owner of the transaction, which aborts it."""
+
+
+def call_transactional(call: Callable[[], None], what: str, where: str,
+                       fatal: Callable[[KafkaError, str, str], Exception], tries: int = TXN_RETRIES) -> None:
+    """Run one transactional producer call (``what`` for ``where``, both for messages): retry retriable errors
+    up to ``tries`` attempts in all, raise :class:`Abortable` when the broker requires an abort, and
+    ``fatal(err, what, where)`` on fencing and fatal errors (the producer is then unusable)."""
+    for attempt in range(1, tries + 1):
+        try:
+            call()
+            return
+        except KafkaException as ex:
+            err: KafkaError = ex.args[0]
+            if err.code() in FENCED_CODES or err.fatal():
+                raise fatal(err, what, where) from ex
+            if err.txn_requires_abort() and what != "abort_transaction":
+                raise Abortable(err.str()) from ex
+            if not err.retriable() or attempt == tries:
+                msg = f"{what} for {where} failed after {attempt} attempt(s): {err.str()}"
+                raise PipelineError(msg) from ex
+            log.warning("%s for %s: %s (retrying)", what, where, err.str())
+            time.sleep(0.1 * attempt)  # seconds

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,12 +30,18 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from pipeline.errors import KafkaDeliveryError, PipelineError, TrainerFenced
 from pipeline.model_record import MAX_RECORD_BYTES, UpdateRecord
 from pipeline.settings import Settings
-from pipeline.transactions import TXN_RETRIES, TXN_TIMEOUT_S, DeliveryTracker, producer_config
+from pipeline.transactions import (
+    FENCED_CODES,
+    TXN_RETRIES,
+    TXN_TIMEOUT_S,
+    Abortable,
+    DeliveryTracker,
+    call_transactional,
+    producer_config,
+)
 
-__all__ = ["FENCED_CODES", "UpdatePublisher", "publisher_config", "trainer_transactional_id"]
+__all__ = ["UpdatePublisher", "publisher_config", "trainer_transactional_id"]
 log = logging.getLogger("liquidstream.model_updates")
-#: Error codes meaning "another producer took over this transactional id" (librdkafka raises ``_FENCED``).
-FENCED_CODES = frozenset(getattr(KafkaError, n) for n in ("_FENCED", "PRODUCER_FENCED", "INVALID_PRODUCER_EPOCH"))
 
 
 def trainer_transactional_id(settings: Settings) -> str:
@@ -90,7 +95,7 @@ class UpdatePublisher:
                                                      headers=list(record.headers), on_delivery=self.tracker),
                        "produce", what, tries=1)
             self._call(lambda: self.producer.commit_transaction(TXN_TIMEOUT_S), "commit_transaction", what)
-        except _Abortable as ab:
+        except Abortable as ab:
             self.producer.poll(0)  # delivery reports: the first failure usually says why
             why = self.tracker.failures[0][2] if self.tracker.failures else str(ab)
             self._abort(what)
@@ -116,33 +121,17 @@ class UpdatePublisher:
         self.tracker.failures.clear()
 
     def _death(self, err: KafkaError, what: str, where: str) -> PipelineError:
+        """Fenced or fatally failed: remember it (every later publish raises it again) and drop queued records."""
+        self._open = False
         if err.code() in FENCED_CODES:
-            return TrainerFenced(self.lineage, self.topic, self.txn_id)
-        msg = f"{what} ({where}) failed: producer {self.txn_id} fatally failed: {err.str()}"
-        return PipelineError(msg)
+            self._dead = TrainerFenced(self.lineage, self.topic, self.txn_id)
+        else:
+            msg = f"{what} for {where} failed: producer {self.txn_id} fatally failed: {err.str()}"
+            self._dead = PipelineError(msg)
+        with contextlib.suppress(KafkaException):  # records still queued never leave this process
+            self.producer.purge()
+            self.producer.poll(0)  # serve their delivery reports (purged)
+        return self._dead
 
     def _call(self, call: Callable[[], None], what: str, where: str, tries: int = TXN_RETRIES) -> None:
-        """Run a producer call: retry retriable errors, signal abortable ones, raise on fencing and the rest."""
-        for attempt in range(1, tries + 1):
-            try:
-                call()
-                return
-            except KafkaException as ex:
-                err: KafkaError = ex.args[0]
-                if err.code() in FENCED_CODES or err.fatal():
-                    self._open, self._dead = False, self._death(err, what, where)
-                    with contextlib.suppress(KafkaException):  # records still queued never leave this process
-                        self.producer.purge()
-                        self.producer.poll(0)  # serve their delivery reports (purged)
-                    raise self._dead from ex
-                if err.txn_requires_abort() and what != "abort_transaction":
-                    raise _Abortable(err.str()) from ex
-                if not err.retriable() or attempt == tries:
-                    msg = f"{what} ({where}) on {self.topic} failed after {attempt} attempt(s): {err.str()}"
-                    raise PipelineError(msg) from ex
-                log.warning("%s (%s) on %s: %s (retrying)", what, where, self.topic, err.str())
-                time.sleep(0.1 * attempt)  # seconds
-
-
-class _Abortable(Exception):
-    """Internal signal, never leaves this module: the transaction must be aborted (message: why)."""
+        call_transactional(call, what, f"{where} on {self.topic}", self._death, tries)
