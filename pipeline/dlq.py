@@ -17,6 +17,18 @@ Why it failed and where it came from travel in headers (values are UTF-8 bytes):
 The original message's own headers are forwarded first (minus any stale ``ls.*`` ones from an earlier
 trip through the DLQ), then the ``ls.*`` headers above.
 
+Two exceptions, each said in a header, so that one hostile message cannot stop the worker (a dead letter the
+producer refuses fails its whole batch, again after every restart):
+
+* key + value + headers over :data:`MAX_DEAD_LETTER_BYTES` (librdkafka refuses records over
+  ``message.max.bytes``, 1,000,000 by default, and the input may hold bigger ones: compressed batches are
+  checked compressed): the value (then the key, then the forwarded headers) is cut to fit, and
+  ``ls.truncated`` says what was cut, as JSON: ``{"value_bytes": 2500000, "value_kept": 899000,
+  "value_sha256": "..."}`` (``key_*`` likewise, ``headers_dropped``: their count).  The original is still at
+  its source offset.
+* original headers the client cannot read (a header name that is not UTF-8): none are forwarded, and
+  ``ls.headers.unreadable`` says why.
+
 >>> hdrs = dead_letter_headers(DeadLetterReason.NON_FINITE, "values[3] is NaN", "readings", 2, 41,
 ...                            worker_id="w-1", failed_at_ms=1_700_000_000_000)
 >>> hdrs[:2]
@@ -27,8 +39,10 @@ trip through the DLQ), then the ``ls.*`` headers above.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +52,8 @@ from pipeline.schemas import DeadLetterReason
 
 __all__ = [
     "HEADER_CLASS", "HEADER_FAILED_AT", "HEADER_OFFSET", "HEADER_PARTITION", "HEADER_PREFIX", "HEADER_REASON",
-    "HEADER_TOPIC", "HEADER_WORKER", "MAX_DETAIL_BYTES", "DeadLetter", "Headers", "dead_letter_headers",
-    "parse_dead_letter_headers",
+    "HEADER_TOPIC", "HEADER_TRUNCATED", "HEADER_UNREADABLE", "HEADER_WORKER", "MAX_DEAD_LETTER_BYTES",
+    "MAX_DETAIL_BYTES", "DeadLetter", "Headers", "dead_letter_headers", "parse_dead_letter_headers",
 ]
 
 HEADER_PREFIX = "ls."
@@ -50,11 +64,54 @@ HEADER_PARTITION = "ls.source.partition"
 HEADER_OFFSET = "ls.source.offset"
 HEADER_FAILED_AT = "ls.failed.at"
 HEADER_WORKER = "ls.worker"
+HEADER_TRUNCATED = "ls.truncated"
+HEADER_UNREADABLE = "ls.headers.unreadable"
 #: ``ls.error.reason`` is cut to this many bytes (UTF-8), ending in ``...``, so headers stay small.
 MAX_DETAIL_BYTES = 1024
 
+#: Key + value + headers of a dead letter at most (bytes): librdkafka's default ``message.max.bytes`` is
+#: 1,000,000 for all of them plus framing; the rest is room for ``ls.truncated`` and the framing.
+MAX_DEAD_LETTER_BYTES = 900_000
+_HEADER_FRAMING = 10  # bytes per header on the wire beyond name and value (two varints), at most
+
 #: Kafka headers as confluent-kafka takes and returns them.
 Headers = list[tuple[str, bytes | None]]
+OriginalHeaders = Iterable[tuple[str, bytes | None]] | Callable[[], Iterable[tuple[str, bytes | None]] | None] | None
+
+
+def _headers_size(headers: Iterable[tuple[str, bytes | None]]) -> int:
+    return sum(len(name.encode("utf-8", errors="surrogatepass")) + len(value or b"") + _HEADER_FRAMING
+               for name, value in headers)
+
+
+def _forwarded(original: OriginalHeaders) -> tuple[Headers, str | None]:
+    """The original headers to forward (``ls.*`` ones dropped), and why none are when they cannot be read."""
+    try:
+        raw = original() if callable(original) else original
+        return [(name, val) for name, val in raw or () if not name.startswith(HEADER_PREFIX)], None
+    except (SystemError, UnicodeDecodeError) as ex:  # confluent-kafka: a header name that is not UTF-8
+        cause = ex.__cause__ or ex.__context__ or ex
+        return [], f"original headers not forwarded: {cause}"
+
+
+def _fit(key: bytes | None, value: bytes | None, forwarded: Headers,
+         room: int) -> tuple[bytes | None, bytes | None, Headers, dict[str, int | str]]:
+    """Key, value and forwarded headers cut to ``room`` bytes together: value first, the key only past half
+    the room, headers when they leave less than a quarter for the value; and what was cut."""
+    cut: dict[str, int | str] = {}
+    if len(key or b"") + len(value or b"") + _headers_size(forwarded) <= room:
+        return key, value, forwarded, cut
+    if key is not None and len(key) > room // 2:
+        cut |= {"key_bytes": len(key), "key_kept": room // 2, "key_sha256": hashlib.sha256(key).hexdigest()}
+        key = key[: room // 2]
+    if forwarded and len(key or b"") + _headers_size(forwarded) > room - room // 4:
+        cut["headers_dropped"] = len(forwarded)
+        forwarded = []
+    left = room - len(key or b"") - _headers_size(forwarded)
+    if value is not None and len(value) > left:
+        cut |= {"value_bytes": len(value), "value_kept": left, "value_sha256": hashlib.sha256(value).hexdigest()}
+        value = value[:left]
+    return key, value, forwarded, cut
 
 
 def _detail_bytes(detail: str) -> bytes:
@@ -129,20 +186,27 @@ class DeadLetter:
     @classmethod
     def build(cls, reason: DeadLetterReason | str, detail: str, *, key: bytes | None, value: bytes | None,
               topic: str, partition: int, offset: int, worker_id: str | None = None,
-              failed_at_ms: int | None = None,
-              original_headers: Iterable[tuple[str, bytes | None]] | None = None) -> DeadLetter:
-        """A dead letter for any reason (the operator's ``late``/``duplicate`` policies included)."""
-        headers: Headers = [(name, val) for name, val in original_headers or ()
-                            if not name.startswith(HEADER_PREFIX)]
-        headers.extend(dead_letter_headers(reason, detail, topic, partition, offset, worker_id=worker_id,
-                                           failed_at_ms=failed_at_ms))
+              failed_at_ms: int | None = None, original_headers: OriginalHeaders = None) -> DeadLetter:
+        """A dead letter for any reason (the operator's ``late``/``duplicate`` policies included).
+
+        ``original_headers``: the input message's headers, or a callable returning them (``message.headers``:
+        read here, so that headers the client cannot decode become ``ls.headers.unreadable``, not a crash).
+        """
+        forwarded, unreadable = _forwarded(original_headers)
+        own = dead_letter_headers(reason, detail, topic, partition, offset, worker_id=worker_id,
+                                  failed_at_ms=failed_at_ms)
+        if unreadable is not None:
+            own.append((HEADER_UNREADABLE, _detail_bytes(unreadable)))
+        key, value, forwarded, cut = _fit(key, value, forwarded, MAX_DEAD_LETTER_BYTES - _headers_size(own))
+        if cut:
+            own.append((HEADER_TRUNCATED, json.dumps(cut).encode("ascii")))
+        headers: Headers = [*forwarded, *own]
         return cls(key=key, value=value, headers=headers)
 
     @classmethod
     def from_reject(cls, reject: Reject, *, key: bytes | None, value: bytes | None, topic: str,
                     partition: int, offset: int, worker_id: str | None = None,
-                    failed_at_ms: int | None = None,
-                    original_headers: Iterable[tuple[str, bytes | None]] | None = None) -> DeadLetter:
+                    failed_at_ms: int | None = None, original_headers: OriginalHeaders = None) -> DeadLetter:
         """The dead letter of a codec :class:`~pipeline.codec.Reject`; ``key``/``value``/coordinates are
         those of input message ``reject.index``."""
         return cls.build(reject.reason, reject.detail, key=key, value=value, topic=topic, partition=partition,

@@ -52,7 +52,14 @@ from pipeline.model_record import (
 )
 from pipeline.settings import Settings
 from pipeline.update_publisher import UpdatePublisher
-from pipeline.updates_topic import assign_from_start, ensure_updates_topic, read_latest, updates_consumer, where
+from pipeline.updates_topic import (
+    assign_from_start,
+    ensure_updates_topic,
+    read_latest,
+    record_headers,
+    updates_consumer,
+    where,
+)
 
 __all__ = ["ModelFollower", "UpdateGate", "UpdatePublisher", "ensure_updates_topic", "read_latest"]
 log = logging.getLogger("liquidstream.model_updates")
@@ -114,7 +121,7 @@ class ModelFollower:
                     log.warning("model-updates consumer error on %s: %s", where(m), err.str())
                 continue
             try:
-                env = self.gate.screen(m.value(), m.headers(), serving)
+                env = self.gate.screen(m.value(), record_headers(m), serving)
             except UpdateRejected as ex:
                 self._reject(m, ex)
                 continue

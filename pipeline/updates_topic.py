@@ -19,7 +19,16 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from operators.forecaster import Forecaster
 from pipeline.errors import ConfigurationError, PipelineError
-from pipeline.model_record import MAX_RECORD_BYTES, Envelope, ModelUpdate, UpdateRejected, check_compatible, decode
+from pipeline.model_record import (
+    MAX_RECORD_BYTES,
+    Envelope,
+    HeadersLike,
+    ModelUpdate,
+    RejectReason,
+    UpdateRejected,
+    check_compatible,
+    decode,
+)
 from pipeline.settings import Settings
 
 if TYPE_CHECKING:  # the gate lives with the follower, which imports this module
@@ -79,6 +88,17 @@ def assign_from_start(consumer: Consumer, topic: str) -> list[int]:
     return partitions
 
 
+def record_headers(m: Message) -> HeadersLike:
+    """``m``'s headers; :class:`UpdateRejected` (malformed) when the client cannot read them.  A header name
+    that is not UTF-8 makes confluent-kafka raise ``SystemError``: on the updates topic, which every serving
+    worker reads from its beginning at each start, that would stop the fleet at every restart."""
+    try:
+        return m.headers()
+    except (SystemError, UnicodeDecodeError) as ex:
+        cause = ex.__cause__ or ex.__context__ or ex
+        raise UpdateRejected(RejectReason.MALFORMED, f"headers unreadable: {cause}") from ex
+
+
 def where(m: Message) -> str:
     return f"{m.topic()}[{m.partition()}]@{m.offset()}"
 
@@ -109,7 +129,7 @@ def read_latest(consumer: Consumer, topic: str, gate: UpdateGate, serving: Forec
             if (m.offset() or 0) + 1 >= ends.get(p, 0):
                 todo.discard(p)
             try:
-                env = gate.screen(m.value(), m.headers(), None)
+                env = gate.screen(m.value(), record_headers(m), None)
             except UpdateRejected as ex:
                 log.warning("ignoring %s: %s", where(m), ex)
                 continue

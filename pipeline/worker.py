@@ -150,7 +150,7 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
         m = messages[i]
         t, p, o = src[i]
         dl = DeadLetter.build(reason, detail, key=m.key(), value=m.value(), topic=t, partition=p, offset=o,
-                              worker_id=worker_id, failed_at_ms=int(now_ms), original_headers=m.headers())
+                              worker_id=worker_id, failed_at_ms=int(now_ms), original_headers=m.headers)
         out.records.append(OutRecord(topics.dlq, dl.key, dl.value, dl.headers))
         out.dead_letters[dl.reason.value] += 1
 

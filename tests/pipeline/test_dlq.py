@@ -15,6 +15,7 @@ from pipeline.dlq import (
     HEADER_REASON,
     HEADER_TOPIC,
     HEADER_WORKER,
+    MAX_DEAD_LETTER_BYTES,
     MAX_DETAIL_BYTES,
     DeadLetter,
     dead_letter_headers,
@@ -109,3 +110,43 @@ def test_original_headers_are_forwarded_without_stale_ls_headers() -> None:
     assert dl.headers[:2] == [("traceparent", b"00-abc"), ("content-type", None)]
     assert [name for name, _ in dl.headers].count(HEADER_CLASS) == 1
     assert dl.reason is R.DUPLICATE
+
+
+def _size(dl: DeadLetter) -> int:
+    return len(dl.key or b"") + len(dl.value or b"") + sum(len(n) + len(v or b"") for n, v in dl.headers)
+
+
+def test_oversized_dead_letters_are_cut_to_fit_and_say_what_was_cut() -> None:
+    import hashlib
+    import json
+
+    big_key, big_value = b"k" * 1_200_000, b"v" * 2_500_000
+    junk = [(f"h{i}", b"x" * 50) for i in range(20_000)]  # ~1 MB of forwarded headers
+    for key, value, headers in ((big_key, b"{}", []), (b"pump-1", big_value, [("trace", b"t")]),
+                                (b"pump-1", b"{}", junk), (big_key, big_value, junk)):
+        dl = DeadLetter.build(DeadLetterReason.MALFORMED_JSON, "too big", key=key, value=value, topic="t",
+                              partition=0, offset=7, original_headers=headers)
+        truncated = dict(dl.headers)["ls.truncated"]
+        assert _size(dl) <= MAX_DEAD_LETTER_BYTES + len(truncated) + len("ls.truncated")  # < message.max.bytes
+        cut = json.loads(truncated)
+        assert (dl.key or b"") == key[: len(dl.key or b"")] and (dl.value or b"") == value[: len(dl.value or b"")]
+        if "value_bytes" in cut:
+            assert (cut["value_bytes"], cut["value_kept"]) == (len(value), len(dl.value or b""))
+            assert cut["value_sha256"] == hashlib.sha256(value).hexdigest()
+        if "key_bytes" in cut:
+            assert (cut["key_bytes"], cut["key_sha256"]) == (len(key), hashlib.sha256(key).hexdigest())
+        assert parse_dead_letter_headers(dl.headers)["ls.source.offset"] == "7"
+    small = DeadLetter.build(DeadLetterReason.MALFORMED_JSON, "x", key=b"k", value=b"v" * 1000, topic="t",
+                             partition=0, offset=1)
+    assert "ls.truncated" not in dict(small.headers) and small.value == b"v" * 1000
+
+
+def test_unreadable_original_headers_become_a_header_not_a_crash() -> None:
+    def headers() -> list[tuple[str, bytes]]:
+        raise SystemError("headers() returned a result with an exception set")
+
+    dl = DeadLetter.build(DeadLetterReason.MALFORMED_JSON, "x", key=b"k", value=b"v", topic="t", partition=0,
+                          offset=1, original_headers=headers)
+    names = [n for n, _ in dl.headers]
+    assert "ls.headers.unreadable" in names and all(n.startswith("ls.") for n in names)
+    assert dl.key == b"k" and dl.value == b"v"

@@ -265,6 +265,52 @@ def test_follower_adopts_the_newest_valid_update_and_counts_every_rejection() ->
         assert metrics.value("liquidstream_model_updates_total", result="rejected", reason=reason) == 1.0
 
 
+class _UnreadableHeaders:
+    """A record whose header name is not UTF-8: confluent-kafka's ``headers()`` raises ``SystemError``."""
+
+    def __init__(self, rec: UpdateRecord, offset: int) -> None:
+        self.rec, self._offset = rec, offset
+
+    def error(self) -> None:
+        return None
+
+    def value(self) -> bytes:
+        return self.rec.value
+
+    def key(self) -> bytes:
+        return self.rec.key
+
+    def topic(self) -> str:
+        return "model-updates"
+
+    def partition(self) -> int:
+        return 0
+
+    def offset(self) -> int:
+        return self._offset
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        try:
+            b"\xff".decode("utf-8")
+        except UnicodeDecodeError as ex:
+            raise SystemError("<built-in method headers> returned a result with an exception set") from ex
+        return []
+
+
+def test_a_record_with_unreadable_headers_is_rejected_as_malformed_not_a_crash() -> None:
+    served = _model(13)
+    follower, consumer, metrics = _follower()
+    consumer.queue.append(_UnreadableHeaders(_record(_model(14), seq=5), offset=0))  # type: ignore[arg-type]
+    consumer.offset = 1
+    assert follower.poll(served) is None  # rejected, the worker goes on
+    assert follower.stats()["rejected_by_reason"] == {"malformed": 1}
+    assert metrics.value("liquidstream_model_updates_total", result="rejected", reason="malformed") == 1.0
+    v = _record(_model(15), seq=6)
+    consumer.push(v)
+    update = follower.poll(served)
+    assert update is not None and update.version == v.version  # later valid records are still adopted
+
+
 def test_trainer_start_takes_the_newest_usable_update_and_numbers_on_from_the_newest_verified() -> None:
     base = _model(21)
     consumer = UpdatesConsumer()
