@@ -42,18 +42,19 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pipeline.codec import Reject
-from pipeline.errors import EncodeError
+from pipeline.errors import ConfigurationError, EncodeError
 from pipeline.schemas import DeadLetterReason
 
 __all__ = [
     "HEADER_CLASS", "HEADER_FAILED_AT", "HEADER_OFFSET", "HEADER_PARTITION", "HEADER_PREFIX", "HEADER_REASON",
     "HEADER_TOPIC", "HEADER_TRUNCATED", "HEADER_UNREADABLE", "HEADER_WORKER", "MAX_DEAD_LETTER_BYTES",
-    "MAX_DETAIL_BYTES", "DeadLetter", "Headers", "dead_letter_headers", "parse_dead_letter_headers",
+    "MAX_DETAIL_BYTES", "DeadLetter", "Headers", "dead_letter_budget", "dead_letter_headers",
+    "parse_dead_letter_headers",
 ]
 
 HEADER_PREFIX = "ls."
@@ -73,6 +74,28 @@ MAX_DETAIL_BYTES = 1024
 #: 1,000,000 for all of them plus framing; the rest is room for ``ls.truncated`` and the framing.
 MAX_DEAD_LETTER_BYTES = 900_000
 _HEADER_FRAMING = 10  # bytes per header on the wire beyond name and value (two varints), at most
+
+def dead_letter_budget(kafka_config: Mapping[str, str]) -> int:
+    """Bytes a dead letter may take (key + value + headers): 90 % of the producer's ``message.max.bytes``
+    when ``LIQUIDSTREAM_KAFKA_CONFIG`` sets it (the rest is room for ``ls.truncated`` and the framing), else
+    :data:`MAX_DEAD_LETTER_BYTES` (librdkafka's default of 1,000,000).
+
+    >>> dead_letter_budget({}), dead_letter_budget({"message.max.bytes": "200000"})
+    (900000, 180000)
+    """
+    raw = kafka_config.get("message.max.bytes")
+    if raw is None:
+        return MAX_DEAD_LETTER_BYTES
+    try:
+        limit = int(raw)
+    except ValueError as ex:
+        msg = f"message.max.bytes in LIQUIDSTREAM_KAFKA_CONFIG must be an integer, got {raw!r}"
+        raise ConfigurationError(msg) from ex
+    if limit < 16_384:  # room for the ls.* headers (up to ~1.5 KB), a cut key and some of the value
+        msg = f"message.max.bytes in LIQUIDSTREAM_KAFKA_CONFIG is {limit}: dead letters need at least 16384"
+        raise ConfigurationError(msg)
+    return limit * 9 // 10
+
 
 #: Kafka headers as confluent-kafka takes and returns them.
 Headers = list[tuple[str, bytes | None]]
@@ -186,8 +209,10 @@ class DeadLetter:
     @classmethod
     def build(cls, reason: DeadLetterReason | str, detail: str, *, key: bytes | None, value: bytes | None,
               topic: str, partition: int, offset: int, worker_id: str | None = None,
-              failed_at_ms: int | None = None, original_headers: OriginalHeaders = None) -> DeadLetter:
-        """A dead letter for any reason (the operator's ``late``/``duplicate`` policies included).
+              failed_at_ms: int | None = None, original_headers: OriginalHeaders = None,
+              max_bytes: int = MAX_DEAD_LETTER_BYTES) -> DeadLetter:
+        """A dead letter for any reason (the operator's ``late``/``duplicate`` policies included), its key,
+        value and headers cut to ``max_bytes`` together (:func:`dead_letter_budget`) when they exceed it.
 
         ``original_headers``: the input message's headers, or a callable returning them (``message.headers``:
         read here, so that headers the client cannot decode become ``ls.headers.unreadable``, not a crash).
@@ -197,7 +222,7 @@ class DeadLetter:
                                   failed_at_ms=failed_at_ms)
         if unreadable is not None:
             own.append((HEADER_UNREADABLE, _detail_bytes(unreadable)))
-        key, value, forwarded, cut = _fit(key, value, forwarded, MAX_DEAD_LETTER_BYTES - _headers_size(own))
+        key, value, forwarded, cut = _fit(key, value, forwarded, max_bytes - _headers_size(own))
         if cut:
             own.append((HEADER_TRUNCATED, json.dumps(cut).encode("ascii")))
         headers: Headers = [*forwarded, *own]

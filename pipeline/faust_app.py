@@ -105,7 +105,7 @@ class FaustStep:
     def __init__(self, app: faust.App, settings: Settings, operator: LiquidOperator, table: DeviceStateTable,
                  updates: ModelUpdates | None = None) -> None:
         self.app, self.operator, self.table, self.updates = app, operator, table, updates
-        self.topics = OutputTopics(settings.predictions_topic, settings.alerts_topic, settings.dlq_topic)
+        self.topics = OutputTopics.from_settings(settings)
         self.limits = DecodeLimits.from_settings(settings, operator.n_channels)
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}-faust"
         self.layout, self.registry, self.stats = StateLayout(operator.store), DeviceRegistry(), Stats()

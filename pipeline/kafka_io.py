@@ -59,7 +59,7 @@ class KafkaWorker(Rebalancing):
         self.settings, self.operator, self.worker_id = settings, operator, worker_id
         self.ops, self.serve_ops = ops or WorkerOps(settings), serve_ops
         self.eos = settings.guarantee == "exactly_once"
-        self.topics = step.OutputTopics(settings.predictions_topic, settings.alerts_topic, settings.dlq_topic)
+        self.topics = step.OutputTopics.from_settings(settings)
         self.limits = DecodeLimits.from_settings(settings, operator.n_channels)
         self.stats, self.registry, self.layout = step.Stats(), step.DeviceRegistry(), cl.StateLayout(operator.store)
         self.consumer = consumer or Consumer(self.ops.client_config(tx.consumer_config(settings), stats=True))

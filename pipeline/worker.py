@@ -22,10 +22,11 @@ import numpy as np
 from operators.operator import LiquidOperator
 from operators.result import EventStatus
 from pipeline.codec import DecodeLimits, decode_batch, encode_json
-from pipeline.dlq import DeadLetter, Headers
+from pipeline.dlq import MAX_DEAD_LETTER_BYTES, DeadLetter, Headers, dead_letter_budget
 from pipeline.errors import EncodeError, PipelineError
 from pipeline.records import SourceCoords, alert_records, encode_predictions, prediction_records
 from pipeline.schemas import DeadLetterReason
+from pipeline.settings import Settings
 from pipeline.worker_state import DeviceRegistry, StateUndo, Stats, TopicPart
 
 __all__ = ["BatchOutput", "DeviceRegistry", "MessageLike", "OutRecord", "OutputTopics", "StateUndo", "Stats",
@@ -45,9 +46,18 @@ class MessageLike(Protocol):
 
 @dataclass(frozen=True)
 class OutputTopics:
+    """Where a batch's outputs go; ``dlq_max_bytes``: the most one dead letter may take
+    (:func:`~pipeline.dlq.dead_letter_budget`)."""
+
     predictions: str
     alerts: str
     dlq: str
+    dlq_max_bytes: int = MAX_DEAD_LETTER_BYTES
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> OutputTopics:
+        return cls(settings.predictions_topic, settings.alerts_topic, settings.dlq_topic,
+                   dead_letter_budget(settings.kafka_config))
 
 
 class OutRecord(NamedTuple):
@@ -150,7 +160,8 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
         m = messages[i]
         t, p, o = src[i]
         dl = DeadLetter.build(reason, detail, key=m.key(), value=m.value(), topic=t, partition=p, offset=o,
-                              worker_id=worker_id, failed_at_ms=int(now_ms), original_headers=m.headers)
+                              worker_id=worker_id, failed_at_ms=int(now_ms), original_headers=m.headers,
+                              max_bytes=topics.dlq_max_bytes)
         out.records.append(OutRecord(topics.dlq, dl.key, dl.value, dl.headers))
         out.dead_letters[dl.reason.value] += 1
 

@@ -18,6 +18,7 @@ from pipeline.dlq import (
     MAX_DEAD_LETTER_BYTES,
     MAX_DETAIL_BYTES,
     DeadLetter,
+    dead_letter_budget,
     dead_letter_headers,
     parse_dead_letter_headers,
 )
@@ -150,3 +151,20 @@ def test_unreadable_original_headers_become_a_header_not_a_crash() -> None:
     names = [n for n, _ in dl.headers]
     assert "ls.headers.unreadable" in names and all(n.startswith("ls.") for n in names)
     assert dl.key == b"k" and dl.value == b"v"
+
+
+def test_the_budget_follows_the_producers_message_max_bytes() -> None:
+    from pipeline.errors import ConfigurationError
+    from pipeline.settings import Settings
+    from pipeline.worker import OutputTopics
+
+    assert dead_letter_budget({}) == MAX_DEAD_LETTER_BYTES
+    assert dead_letter_budget({"message.max.bytes": "100000"}) == 90_000
+    for bad in ("lots", "1000"):
+        with pytest.raises(ConfigurationError, match="message.max.bytes"):
+            dead_letter_budget({"message.max.bytes": bad})
+    topics = OutputTopics.from_settings(Settings(kafka_config={"message.max.bytes": "100000"}))
+    assert (topics.dlq, topics.dlq_max_bytes) == (Settings().dlq_topic, 90_000)
+    dl = DeadLetter.build(DeadLetterReason.MALFORMED_JSON, "x", key=b"k", value=b"v" * 95_000, topic="t",
+                          partition=0, offset=1, max_bytes=topics.dlq_max_bytes)
+    assert len(dl.value or b"") < 90_000 and "ls.truncated" in dict(dl.headers)
