@@ -74,7 +74,10 @@ class Settings(BaseSettings):
     # --- input validation (what goes to the dead-letter topic) ------------------------------------------
     max_payload_bytes: int = Field(default=64 * 1024, ge=64)
     ts_min_ms: int = DEFAULT_TS_MIN_MS
-    max_future_s: float = Field(default=86_400.0, ge=0)  # event time may run ahead of the wall clock by this
+    #: Seconds an event time may run ahead of the worker's wall clock; further ahead is ``bad_timestamp``.  Not
+    #: a day: an accepted reading from a clock hours ahead makes every later real reading of that device
+    #: ``late`` until real time catches up.  Five minutes covers ordinary clock skew.
+    max_future_s: float = Field(default=300.0, ge=0)
 
     # --- model and compute -------------------------------------------------------------------------------
     model: Path | None = None
