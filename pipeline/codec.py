@@ -27,6 +27,7 @@ device ids.)  Bad messages never raise; they become dead letters (:mod:`pipeline
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +92,8 @@ def decode_batch(payloads: Sequence[bytes | None], keys: Sequence[bytes | None] 
                  limits: DecodeLimits, now_ms: int) -> DecodedBatch:
     """Decode and validate a consumed batch; ``keys`` are the message keys (``None``: no key check).
 
-    A present key must equal the UTF-8 ``device_id`` (state is partitioned by key).  ``now_ms`` is the
+    A present key must equal the UTF-8 ``device_id`` (state is partitioned by key); with
+    ``limits.require_key`` a missing one is a ``key_mismatch`` too (unless ``keys`` is None: a file).  ``now_ms`` is the
     wall clock in epoch milliseconds, for the ``max_future_ms`` check.  ``len(result) +
     len(result.rejects) == len(payloads)``; rejects are sorted by index.  Raises :class:`DecodeError` only
     when ``keys`` and ``payloads`` differ in length.
@@ -108,6 +110,9 @@ def decode_batch(payloads: Sequence[bytes | None], keys: Sequence[bytes | None] 
     channels: list[list[str] | None] = []
     rejects: list[Reject] = []
     loads, numbers, n_channels, max_bytes = orjson.loads, NUMBER_TYPES, limits.n_channels, limits.max_payload_bytes
+    if keys is None and limits.require_key:
+        limits = dataclasses.replace(limits, require_key=False)  # no keys at all (a file): nothing to require
+    keyless_ok = not limits.require_key
     for i, payload in enumerate(payloads):
         key = None if keys is None else keys[i]
         # Fast path, about 3x cheaper than parse_reading: a plain reading (no channel names, ASCII device id)
@@ -124,7 +129,7 @@ def decode_batch(payloads: Sequence[bytes | None], keys: Sequence[bytes | None] 
             if type(device_id) is str and type(ts) is int and type(values) is list and len(values) == n_channels \
                     and min_ts <= ts <= max_ts and 0 < len(device_id) <= MAX_DEVICE_ID_CHARS and device_id.isascii() \
                     and not device_id.isspace() and numbers.issuperset(map(type, values)) \
-                    and (key is None or key == device_id.encode()):
+                    and (key == device_id.encode() if key is not None else keyless_ok):
                 index.append(i)
                 device_ids.append(device_id)
                 ts_list.append(ts)

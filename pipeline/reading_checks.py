@@ -44,6 +44,10 @@ class DecodeLimits:
     max_payload_bytes: int
     ts_min_ms: int
     max_future_ms: int
+    #: A consumed message without a key is a ``key_mismatch`` (state is partitioned by key: a keyless
+    #: device's readings would be spread over partitions, each owner keeping its own state of it).  Applies
+    #: only where there are keys to check (not to file replays).
+    require_key: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_channels", "max_payload_bytes"):
@@ -58,7 +62,8 @@ class DecodeLimits:
     def from_settings(cls, settings: Settings, n_channels: int) -> DecodeLimits:
         """Limits from the worker settings (``max_future_s`` is converted to milliseconds)."""
         return cls(n_channels=n_channels, max_payload_bytes=settings.max_payload_bytes,
-                   ts_min_ms=settings.ts_min_ms, max_future_ms=round(settings.max_future_s * 1000))
+                   ts_min_ms=settings.ts_min_ms, max_future_ms=round(settings.max_future_s * 1000),
+                   require_key=settings.require_key)
 
 
 class Rejected(Exception):
@@ -183,6 +188,11 @@ def parse_reading(payload: bytes | None, key: bytes | None, limits: DecodeLimits
         where = f"before ts_min_ms {limits.ts_min_ms}" if ts < min_ts else \
             f"more than {limits.max_future_ms} ms ahead of now ({max_ts - limits.max_future_ms})"
         raise Rejected(DeadLetterReason.BAD_TIMESTAMP, f"ts {ts} is {where}")
+    if key is None and limits.require_key:
+        _check_finite(values)
+        detail = (f"message has no key; it must be the device id {_short(device_id)} (state is partitioned by key; "
+                  "LIQUIDSTREAM_REQUIRE_KEY=false accepts keyless readings)")
+        raise Rejected(DeadLetterReason.KEY_MISMATCH, detail)
     if key is not None and key != device_key:
         _check_finite(values)
         key_text = bytes(key).decode("utf-8", errors="backslashreplace")

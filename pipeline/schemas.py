@@ -55,7 +55,7 @@ class DeadLetterReason(StrEnum):
     NON_FINITE = "non_finite"  # NaN, Infinity, or a value that overflows float32
     WRONG_LENGTH = "wrong_length"  # values length != channel count, or channels length != values length
     BAD_TIMESTAMP = "bad_timestamp"  # ts < ts_min_ms or ts > now + max_future_s
-    KEY_MISMATCH = "key_mismatch"  # message key present and != UTF-8 device_id
+    KEY_MISMATCH = "key_mismatch"  # message key != UTF-8 device_id, or missing (require_key)
     LATE = "late"  # older than the device's last applied event (operator policy)
     DUPLICATE = "duplicate"  # same device and event time as an applied event (operator policy)
 

@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     #: a day: an accepted reading from a clock hours ahead makes every later real reading of that device
     #: ``late`` until real time catches up.  Five minutes covers ordinary clock skew.
     max_future_s: float = Field(default=300.0, ge=0)
+    #: A consumed reading without a message key is dead-lettered (``key_mismatch``): per-device state is
+    #: partitioned by key.  False accepts keyless readings (safe only on a one-partition input topic).
+    require_key: bool = True
 
     # --- model and compute -------------------------------------------------------------------------------
     model: Path | None = None

@@ -146,8 +146,8 @@ class Generator:
             self.bad(dev, None, "empty", "payload is null", kind, key=None)
         elif kind == "empty_bytes":
             self.bad(dev, b"", "empty", "payload is empty", kind)
-        elif kind == "null_key":
-            self.valid(dev, key=None, kind=kind)
+        elif kind == "null_key":  # require_key (the default): state is partitioned by key
+            self.bad(dev, _reading(name, ts, vals), "key_mismatch", "message has no key", kind, key=None)
         elif kind == "wrong_key":
             other = rng.choice([d for d in DEVICES if d != name])
             self.bad(dev, _reading(name, ts, vals), "key_mismatch", "!= device_id", kind, key=other.encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -176,7 +177,20 @@ def test_limits_validation_and_from_settings() -> None:
     with pytest.raises(ConfigurationError):
         DecodeLimits(n_channels=1, max_payload_bytes=100, ts_min_ms=0, max_future_ms=-1)
     s = Settings(max_payload_bytes=4096, ts_min_ms=123, max_future_s=1.5)
-    assert DecodeLimits.from_settings(s, 8) == DecodeLimits(8, 4096, 123, 1500)
+    assert DecodeLimits.from_settings(s, 8) == DecodeLimits(8, 4096, 123, 1500, require_key=True)
+    assert not DecodeLimits.from_settings(Settings(require_key=False), 8).require_key
+
+
+def test_a_keyless_message_is_a_key_mismatch_where_keys_are_required() -> None:
+    strict = dataclasses.replace(LIMITS, require_key=True)
+    plain, named = _msg(device_id="pump-1"), _msg(device_id="pump-1", channels=["x", "y", "z"])
+    for payload in (plain, named):  # the fast path and parse_reading alike
+        batch = decode_batch([payload, payload], [None, b"pump-1"], strict, NOW)
+        assert [r.index for r in batch.rejects] == [0] and batch.device_ids == ["pump-1"]
+        assert batch.rejects[0].reason == DeadLetterReason.KEY_MISMATCH
+        assert "no key" in batch.rejects[0].detail and "pump-1" in batch.rejects[0].detail
+        assert len(decode_batch([payload], [None], LIMITS, NOW).device_ids) == 1  # not required: accepted
+        assert len(decode_batch([payload], None, strict, NOW).device_ids) == 1  # no keys at all (a file)
 
 
 def test_encode_json() -> None:
