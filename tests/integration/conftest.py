@@ -14,13 +14,13 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
 from pipeline.dlq import HEADER_CLASS, HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC, parse_dead_letter_headers
 from pipeline.simulate_kafka import FAULT_HEADER, FAULT_REASONS
@@ -66,6 +66,7 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # Used by test_worker.py and test_exactly_once.py (``from tests.integration.conftest import ...``).
 REPO_ROOT = Path(__file__).resolve().parents[2]
 PARTITIONS = 4
+T = TypeVar("T")
 DRAIN_DEADLINE_S = 60.0  # seconds to read a topic to its end
 RUN_TIMEOUT_S = 150.0  # seconds a worker run may take before the test gives up on it
 Coord = tuple[int, int]  # (partition, offset) in the input topic
@@ -123,19 +124,20 @@ def _headers(raw: Any) -> dict[str, str]:
     return parsed
 
 
-def drain(bootstrap: str, topic: str, *, committed_only: bool = True) -> list[Rec]:
-    """Every record of ``topic`` up to its current end, read by a fresh consumer (``read_committed`` unless
-    ``committed_only`` is False).  Ends on end-of-partition events: with transactions the last offsets of a
-    partition are commit/abort markers, never delivered as messages."""
+def drain_messages(bootstrap: str, topic: str, convert: Callable[[Message], T], *,
+                   committed_only: bool = True, partitions: int = PARTITIONS) -> list[T]:
+    """``convert`` of every record of ``topic`` up to its current end, read by a fresh consumer
+    (``read_committed`` unless ``committed_only`` is False).  Ends on end-of-partition events: with
+    transactions the last offsets of a partition are commit/abort markers, never delivered as messages."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"drain-{uuid.uuid4().hex[:12]}",
                          "enable.auto.commit": False, "enable.partition.eof": True,
                          "isolation.level": "read_committed" if committed_only else "read_uncommitted"})
     try:
         high = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in range(PARTITIONS)}
+                for p in range(partitions)}
         todo = {p for p, h in high.items() if h > 0}
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(todo)])
-        out: list[Rec] = []
+        out: list[T] = []
         deadline = time.monotonic() + DRAIN_DEADLINE_S
         while todo:
             if time.monotonic() > deadline:
@@ -148,10 +150,16 @@ def drain(bootstrap: str, topic: str, *, committed_only: bool = True) -> list[Re
                     if o >= high[p]:
                         todo.discard(p)
                     continue
-                out.append(Rec(p, o, m.key(), m.value(), _headers(m.headers())))
+                out.append(convert(m))
         return out
     finally:
         consumer.close()
+
+
+def drain(bootstrap: str, topic: str, *, committed_only: bool = True) -> list[Rec]:
+    """Every record of ``topic`` (:func:`drain_messages`) as a :class:`Rec`, its headers parsed."""
+    return drain_messages(bootstrap, topic, lambda m: Rec(m.partition() or 0, m.offset() or 0, m.key(), m.value(),
+                                                          _headers(m.headers())), committed_only=committed_only)
 
 
 def cli(*args: str) -> list[str]:

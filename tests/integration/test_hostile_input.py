@@ -54,7 +54,7 @@ from pipeline.dlq import (
     MAX_DEAD_LETTER_BYTES,
     parse_dead_letter_headers,
 )
-from tests.integration.conftest import PARTITIONS, Topics, cli, finish, spawn
+from tests.integration.conftest import PARTITIONS, Topics, cli, drain_messages, finish, spawn
 
 pytestmark = pytest.mark.integration
 
@@ -345,29 +345,8 @@ def produce(bootstrap: str, topic: str, cases: list[Case]) -> dict[Coord, Case]:
 
 def read_all(bootstrap: str, topic: str) -> list[Out]:
     """Every committed record of ``topic`` (``read_committed``), raw headers kept."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex[:12]}",
-                         "enable.auto.commit": False, "enable.partition.eof": True,
-                         "isolation.level": "read_committed"})
-    try:
-        high = {p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1] for p in range(PARTITIONS)}
-        todo = {p for p, h in high.items() if h > 0}
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in sorted(todo)])
-        out: list[Out] = []
-        deadline = time.monotonic() + 60
-        while todo:
-            assert time.monotonic() < deadline, f"{topic}: partitions {sorted(todo)} not read to the end"
-            for m in consumer.consume(num_messages=2000, timeout=0.5):
-                p, o, err = m.partition(), m.offset(), m.error()
-                assert p is not None and o is not None
-                if err is not None:
-                    assert err.code() == KafkaError._PARTITION_EOF, err
-                    if o >= high[p]:
-                        todo.discard(p)
-                    continue
-                out.append(Out(p, o, m.key(), m.value(), cast("Hdrs", m.headers() or [])))
-        return out
-    finally:
-        consumer.close()
+    return drain_messages(bootstrap, topic, lambda m: Out(m.partition() or 0, m.offset() or 0, m.key(), m.value(),
+                                                          cast("Hdrs", m.headers() or [])))
 
 
 def run_worker(bootstrap: str, topics: Topics, tmp: Path, processes: list[subprocess.Popen[str]],

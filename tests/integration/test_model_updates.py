@@ -11,17 +11,26 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from operators.model_io import load_model
 from pipeline.model_record import H_SIGNATURE, UpdateRecord, build_record, decode, verify
 from pipeline.simulate_kafka import build_messages, fleet_stream, produce_messages
 from tests.conftest import MakeTopic
-from tests.integration.conftest import FAST_GROUP_CONFIG, Rec, Topics, cli, drain, finish, run_cmd, spawn
+from tests.integration.conftest import (
+    FAST_GROUP_CONFIG,
+    Rec,
+    Topics,
+    cli,
+    drain,
+    drain_messages,
+    finish,
+    run_cmd,
+    spawn,
+)
 
 pytestmark = pytest.mark.integration
 KEY = "integration-signing-key-0123456789"
@@ -53,24 +62,9 @@ def _produce(bootstrap: str, topic: str, records: list[tuple[bytes, bytes, list[
 
 def _read_updates(bootstrap: str, topic: str) -> list[tuple[bytes, bytes, list[tuple[str, bytes]]]]:
     """Every record of the one-partition updates topic, raw headers included."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"read-{uuid.uuid4().hex[:8]}",
-                         "enable.auto.commit": False, "enable.partition.eof": True})
-    try:
-        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-        out: list[tuple[bytes, bytes, list[tuple[str, bytes]]]] = []
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            m = consumer.poll(0.5)
-            if m is None:
-                continue
-            err = m.error()
-            if err is not None:
-                assert err.code() == KafkaError._PARTITION_EOF, err
-                return out
-            out.append((m.key() or b"", m.value() or b"", [(k, v) for k, v in m.headers() or () if v is not None]))
-        pytest.fail(f"{topic} not read to its end in {WAIT_S} s")
-    finally:
-        consumer.close()
+    return drain_messages(bootstrap, topic, lambda m: (m.key() or b"", m.value() or b"",
+                                                       [(k, v) for k, v in m.headers() or () if v is not None]),
+                          partitions=1)
 
 
 def test_trainer_update_is_adopted_and_forged_or_replayed_updates_are_rejected(

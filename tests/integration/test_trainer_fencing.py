@@ -18,7 +18,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from pydantic import SecretStr
 
 from operators import Forecaster
@@ -31,7 +31,7 @@ from pipeline.simulate_kafka import build_messages, fleet_stream, produce_messag
 from pipeline.train_worker import EXIT_FENCED
 from pipeline.updates_topic import read_latest, updates_consumer
 from tests.conftest import MakeTopic
-from tests.integration.conftest import FAST_GROUP_CONFIG, cli, finish, spawn
+from tests.integration.conftest import FAST_GROUP_CONFIG, cli, drain_messages, finish, spawn
 from tests.integration.test_model_updates import TRAINER_ENV
 from tests.pipeline.test_train_worker import Decision, FakeLearner, TrainerConsumer, _readings, _weights
 
@@ -58,25 +58,12 @@ def _record(seq: int, trainer: str, lineage: str = LINEAGE) -> UpdateRecord:
 
 def _on_topic(bootstrap: str, topic: str) -> list[tuple[str, int, str]]:
     """(lineage, seq, trainer) of every record on the topic, *uncommitted and aborted ones included*."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"raw-{uuid.uuid4().hex[:8]}",
-                         "enable.partition.eof": True, "isolation.level": "read_uncommitted"})
-    try:
-        consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-        out: list[tuple[str, int, str]] = []
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            m = consumer.poll(0.5)
-            if m is None:
-                continue
-            err = m.error()
-            if err is not None:
-                assert err.code() == KafkaError._PARTITION_EOF, err
-                return out
-            env = verify(m.value(), m.headers(), KEY.encode())
-            out.append((env.lineage, env.seq, str(env.header["trainer"])))
-        pytest.fail(f"{topic} not read to its end in {WAIT_S} s")
-    finally:
-        consumer.close()
+
+    def row(m: Message) -> tuple[str, int, str]:
+        env = verify(m.value(), m.headers(), KEY.encode())
+        return env.lineage, env.seq, str(env.header["trainer"])
+
+    return drain_messages(bootstrap, topic, row, committed_only=False, partitions=1)
 
 
 def _latest(settings: Settings) -> tuple[ModelUpdate | None, int]:
