@@ -21,6 +21,9 @@ model first learns to widen its spread after long gaps, and the mean, whose grad
 spread squared, learns slowly; the MSE target is therefore judged on the ``mse`` objective.  The
 ``sines`` stream is a control where the gap matters by construction.
 
+Next to the cells, :mod:`pipeline.irregular_reference` measures what each stream allows: an MLP given the
+last readings with their exact ages, against its gap-blind twin, scored on the same readings.
+
 Mean and standard deviation over ``seeds`` seeds (model initialisation and stream thinning).  The peers'
 part (River detectors next to the operator, on simulated irregular streams with injected incidents) is in
 :mod:`pipeline.irregular_peers`.
@@ -39,6 +42,7 @@ from pipeline.errors import ConfigurationError
 from pipeline.irregular_bins import bin_labels, gap_metrics
 from pipeline.irregular_data import Columns, co2_streams, elnino_streams, simulated, smooth_sines, water_flow_streams
 from pipeline.irregular_models import LTC_TAU_INIT_S, build_model, fix_spread, gap_blind
+from pipeline.irregular_reference import window_reference
 from pipeline.settings import Settings
 
 #: Default epochs, truncated-BPTT window (readings) and seeds.  The CPU cost is per time step, so a short window
@@ -114,6 +118,14 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _reference_summary(refs: list[dict[str, float]]) -> dict[str, float]:
+    """Means and stds over seeds of :func:`~pipeline.irregular_reference.window_reference`; the gain of the means."""
+    out = {f"{k}{suffix}": float(fn([r[k] for r in refs])) for k in ("mse", "blind_mse")
+           for suffix, fn in (("", np.mean), ("_std", np.std))}
+    out["gain_pct"] = 100.0 * (out["blind_mse"] - out["mse"]) / out["blind_mse"]
+    return out
+
+
 def evaluate_irregular(settings: Settings, *, epochs: int = IRREGULAR_EPOCHS, hidden_size: int = 32,
                        seeds: int = IRREGULAR_SEEDS, peers: bool = True,
                        stream_names: tuple[str, ...] = DEFAULT_STREAMS,
@@ -141,25 +153,29 @@ def _evaluate(settings: Settings, epochs: int, hidden_size: int, seeds: int, pee
     device = settings.torch_device()
     t0 = time.perf_counter()
     table: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    reference: dict[str, dict[str, float]] = {}
     for sname in stream_names:
+        refs: list[dict[str, float]] = []
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {o: {m: [] for m in (*MODELS, "persistence")}
                                                              for o in objectives}
         for seed in range(seeds):
             train, test = streams(sname, seed, sim_devices)
             base = run_model("persistence", train, test, epochs=0, hidden_size=hidden_size, seed=seed, device=device)
+            refs.append(window_reference(train, test, seed=seed))
             for obj in objectives:
                 runs[obj]["persistence"].append(base)  # untrained: the same under either objective
                 for m in MODELS:
                     runs[obj][m].append(run_model(m, train, test, epochs=epochs, hidden_size=hidden_size, seed=seed,
                                                   device=device, objective=obj))
         table[sname] = {o: {m: _summary(rs) for m, rs in by_model.items()} for o, by_model in runs.items()}
+        reference[sname] = _reference_summary(refs)
         for rows in table[sname].values():
             for cell in ("cfc", "ltc"):  # relative MSE gain of the time-aware cell over its gap-blind twin
                 blind, aware = rows[f"{cell} dt=1"]["mse"], rows[cell]["mse"]
                 rows[cell]["mse_gain_vs_blind_pct"] = 100.0 * (blind - aware) / blind
     report: dict[str, Any] = {"epochs": epochs, "hidden_size": hidden_size, "seeds": seeds, "window": WINDOW,
                               "learning_rates": LEARNING_RATES, "ltc_tau_init_s": LTC_TAU_INIT_S,
-                              "sim_train_devices": sim_devices, "forecast": table}
+                              "sim_train_devices": sim_devices, "forecast": table, "reference": reference}
     if peers:
         from pipeline.irregular_peers import evaluate_peers
 
@@ -188,6 +204,12 @@ def format_irregular(report: dict[str, Any]) -> str:
                          + " ".join(f"{rows['persistence']['n_by_gap'][b]:10.0f}" for b in labels))
             for m, r in rows.items():
                 lines.append(f"{pad} {m:10s} " + " ".join(f"{r['mse_by_gap'][b]:10.4f}" for b in labels))
+    if report.get("reference"):
+        lines.append("What the readings allow: an MLP given the last 8 readings and their exact ages "
+                     "(pipeline.irregular_reference) against its gap-blind twin")
+        for sname, r in report["reference"].items():
+            lines.append(f"  {sname:10s} with times {r['mse']:.4f} +- {r['mse_std']:.4f}   gap-blind "
+                         f"{r['blind_mse']:.4f} +- {r['blind_mse_std']:.4f}   gain {r['gain_pct']:+.1f} %")
     if "peers" in report:
         from pipeline.irregular_peers import format_peers
 

@@ -26,6 +26,7 @@ from pipeline.irregular_data import (
 )
 from pipeline.irregular_models import GRUGapCell, build_model, fix_spread, gap_blind
 from pipeline.irregular_peers import evaluate_peers, truth_flags
+from pipeline.irregular_reference import window_reference
 from pipeline.settings import Settings
 from pipeline.simulator import Incident
 
@@ -204,3 +205,16 @@ def test_smooth_sines_are_irregular_and_smooth() -> None:
     gaps = np.diff(ts[np.array(ids) == "sine-0"]) / 1000.0
     assert gaps.min() >= 0 and 2.0 < gaps.mean() < 4.5 and gaps.std() > 1.0  # exponential, mean 3 s
     assert np.abs(v).max() < 2.0
+
+
+def test_the_reference_scores_the_cells_readings_and_uses_the_true_times() -> None:
+    train = Sequences.from_columns(*smooth_sines(5, 24, 300.0))
+    test = Sequences.from_columns(*smooth_sines(6, 8, 300.0))
+    ref = window_reference(train, test, epochs=15)
+    persistence = run_model("persistence", train, test, epochs=0, hidden_size=8, seed=0, device="cpu")
+    # the same readings, the same normalisation: persistence's error is the study's to float rounding
+    assert ref["persistence_mse"] == pytest.approx(persistence["mse"], rel=1e-5)
+    assert ref["readings"] == sum(persistence["n_by_gap"].values())
+    # on the control the gap matters by construction: the true ages must beat 1 s steps
+    assert ref["mse"] < ref["blind_mse"] < ref["persistence_mse"]
+    assert ref["gain_pct"] == pytest.approx(100 * (ref["blind_mse"] - ref["mse"]) / ref["blind_mse"])
