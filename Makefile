@@ -27,8 +27,8 @@ test-integration: $(STAMP)
 	$(PY) -m pytest -q -m integration
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check operators pipeline
-	$(VENV)/bin/mypy operators pipeline
+	$(VENV)/bin/ruff check operators pipeline liquidstream tests benchmarks
+	$(VENV)/bin/mypy  # files = ["liquidstream"] in pyproject.toml: both packages under their installed names
 
 clean:
 	rm -rf demo-output .pytest_cache .mypy_cache .ruff_cache

@@ -246,8 +246,8 @@ def main() -> None:  # noqa: PLR0915 (one linear script)
 
     import torch
 
-    from operators import Forecaster
-    from operators.model_io import save_model
+    from liquidstream.operators import Forecaster
+    from liquidstream.operators.model_io import save_model
 
     work = Path(tempfile.mkdtemp(prefix="ls-e2e-"))
     bootstrap = args.bootstrap or start_broker(work / "kafka")

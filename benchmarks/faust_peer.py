@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.model_io import load_model  # noqa: E402
-from operators.normalization import normalise, scale, update_stats  # noqa: E402
+from liquidstream.operators.model_io import load_model  # noqa: E402
+from liquidstream.operators.normalization import normalise, scale, update_stats  # noqa: E402
 
 STATS_ALPHA = 0.005
 

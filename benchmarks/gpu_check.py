@@ -2,12 +2,14 @@
 
 Usage: ``python3 benchmarks/gpu_check.py [--quick] [--devices 1000000] [--events-per-device 4] [--steps 20]``
 
-* **training**: :meth:`OnlineLearner.learn <operators.online.OnlineLearner.learn>` on a replay buffer filled
+* **training**: :meth:`OnlineLearner.learn <liquidstream.operators.online.learner.OnlineLearner.learn>` on a replay
+buffer filled
   with synthetic windows (``--train-batch`` windows of ``--window`` readings per step, ``--steps`` steps,
   after one warm-up update); samples/s = readings through the shared training step (forward and backward)
   per second, with bf16 autocast and in fp32 on CUDA, fp32 on the CPU.  Also the learner's ``observe``
   (shadow operator, window assembly, serving-model rollouts) in events/s.
-* **serving**: :meth:`LiquidOperator.process <operators.operator.LiquidOperator.process>` over ``--devices``
+* **serving**: :meth:`LiquidOperator.process <liquidstream.operators.operator.LiquidOperator.process>` over
+``--devices``
   devices sending ``--events-per-device`` readings each at irregular gaps, in batches of ``--batch``,
   synchronised on CUDA.  Without CUDA and with ``--quick`` the fleet shrinks to 20,000 devices.
 
@@ -30,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
 
 T0_MS = 1_767_225_600_000
 
@@ -53,9 +55,11 @@ def _events(devices: int, per_device: int, channels: int, seed: int) -> tuple[li
 
 
 def train_figures(args: argparse.Namespace, device: torch.device, out: dict[str, object]) -> None:
-    from operators.online import OnlineLearner  # needs pydantic (OnlineSettings): imported here, not at the top
-    from operators.online_config import OnlineSettings
-    from operators.training import MIN_HISTORY
+    from liquidstream.operators.online.config import OnlineSettings
+    from liquidstream.operators.online.learner import (
+        OnlineLearner,  # needs pydantic (OnlineSettings): imported here, not at the top
+    )
+    from liquidstream.operators.training import MIN_HISTORY
 
     n, w, c = max(4 * args.train_batch, 1024), args.window, args.channels
     rng = np.random.default_rng(0)

@@ -17,7 +17,7 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.i
 PART=${PART:-all}
 if [ "$PART" != check ]; then
 # tests/conftest.py needs confluent-kafka (absent there): stop conftest discovery at tests/operators.
-timeout 240 python3 -m pytest tests/operators operators -q -p no:cacheprovider --confcutdir=tests/operators \
+timeout 240 python3 -m pytest tests/operators liquidstream/operators -q -p no:cacheprovider --confcutdir=tests/operators \
   -o addopts="--doctest-modules" 2>&1 | tail -n 15 | tee "$OUT/pytest.txt"
 timeout 200 python3 benchmarks/operator_devices.py --devices 1000000 --events-per-device 4 --batch 1000000 \
   --skip-cpu 2>&1 | tail -n 14 | tee "$OUT/operator_1m.txt"

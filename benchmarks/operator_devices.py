@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
 
 
 def make_events(devices: int, per_device: int, channels: int, seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -64,7 +64,7 @@ def main() -> None:
     p.add_argument("--skip-cpu", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0 = half the cores)")
     args = p.parse_args()
-    # The worker's policy (pipeline.settings.Settings.configure_torch): half the cores.  Not imported, so
+    # The worker's policy (liquidstream.pipeline.settings.Settings.configure_torch): half the cores.  Not imported, so
     # this script runs where only torch and numpy are installed (the GPU machine).
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 2) // 2))
     torch.manual_seed(0)

@@ -22,7 +22,7 @@ device interleaving; 8 channels and 64 hidden units unless told.  Figures are me
 runs (each a fresh operator).  Memory: bytes per device at ``--memory-devices`` devices, measured as the
 growth of the process's resident set (``/proc/self/statm``) in a fresh subprocess while the devices are
 created from ids made inside the measured region (so the index's copies of the id strings count), for the
-:class:`~operators.state_store.DeviceStateStore` and for a dict-of-tensors store holding the same fields.
+:class:`~liquidstream.operators.state.store.DeviceStateStore` and for a dict-of-tensors store holding the same fields.
 The last line printed is one JSON object (``events_per_s``, ``per_event_loop_events_per_s``, ``speedup``,
 ``bytes_per_device``, ...).  Not a test: it asserts nothing, it prints figures.
 """
@@ -45,9 +45,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
-from operators.normalization import normalise, scale, update_stats  # noqa: E402
-from operators.state_store import DeviceStateStore  # noqa: E402
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
+from liquidstream.operators.normalization import normalise, scale, update_stats  # noqa: E402
+from liquidstream.operators.state.store import DeviceStateStore  # noqa: E402
 
 T0_MS = 1_767_225_600_000
 

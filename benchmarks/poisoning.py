@@ -2,9 +2,11 @@
 
 Usage: ``.venv/bin/python benchmarks/poisoning.py [--quick] [--seed N] [--ablation] [--device cpu|cuda]``
 
-The scenario is :mod:`operators.poisoning` (50 clean devices with sinusoids at irregular gaps, 5 attackers
+The scenario is :mod:`liquidstream.pipeline.eval.poisoning` (50 clean devices with sinusoids at irregular gaps, 5
+attackers
 sending 4x as many crafted readings): a small forecaster is pretrained on the clean fleet, then the attacked
-stream goes through an :class:`~operators.online.OnlineLearner` for a few rounds (observe, learn, adopt
+stream goes through an :class:`~liquidstream.operators.online.learner.OnlineLearner` for a few rounds (observe, learn,
+adopt
 when accepted, roll back when told), once with every guard on and once with every guard off.  The figure is
 the clean devices' one-step forecast MSE (normalised units) on a clean evaluation stream the learner never
 sees.  ``--ablation`` also runs each guard alone.  ``--quick`` runs fewer rounds.  Prints a table and, last,
@@ -24,8 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.online_config import GUARDS  # noqa: E402
-from operators.poisoning import PoisoningRun, Scenario  # noqa: E402
+from liquidstream.operators.online.config import GUARDS  # noqa: E402
+from liquidstream.pipeline.eval.poisoning import PoisoningRun, Scenario  # noqa: E402
 
 
 def main() -> None:

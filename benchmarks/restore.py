@@ -6,7 +6,8 @@ Usage: ``.venv/bin/python benchmarks/restore.py --bootstrap 127.0.0.1:9092 [--de
 Writes one changelog record per device (``store.snapshot([id])`` bytes, pinned to its partition, plus the
 progress records), exactly as the worker does, into a fresh compacted topic; then times what a worker does on
 assignment of all partitions: read the changelog from the beginning to its end with a ``read_committed``
-consumer (:func:`pipeline.changelog.read_changelog`), merge the per-device values into one snapshot, and
+consumer (:func:`liquidstream.pipeline.kafka.changelog.read_changelog`), merge the per-device values into one snapshot,
+and
 restore it into an empty store.  Prints one JSON line; the restored state is checked bit for bit.
 """
 
@@ -26,11 +27,22 @@ import torch  # noqa: E402
 from confluent_kafka import Producer  # noqa: E402
 from confluent_kafka.admin import AdminClient  # noqa: E402
 
-from operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
-from operators.state_store import DeviceStateStore  # noqa: E402
-from pipeline.changelog import StateLayout, changelog_records, ensure_topic, read_changelog, restore_consumer  # noqa: E402
-from pipeline.settings import Settings  # noqa: E402
-from pipeline.transactions import DeliveryTracker, flush_checked, produce_all, producer_config  # noqa: E402
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
+from liquidstream.operators.state.store import DeviceStateStore  # noqa: E402
+from liquidstream.pipeline.kafka.changelog import (  # noqa: E402
+    StateLayout,
+    changelog_records,
+    ensure_topic,
+    read_changelog,
+    restore_consumer,
+)
+from liquidstream.pipeline.kafka.transactions import (  # noqa: E402
+    DeliveryTracker,
+    flush_checked,
+    produce_all,
+    producer_config,
+)
+from liquidstream.pipeline.settings import Settings  # noqa: E402
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators.state_store import DeviceStateStore  # noqa: E402
+from liquidstream.operators.state.store import DeviceStateStore  # noqa: E402
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 Usage: ``.venv/bin/python benchmarks/worker_step.py [--events 30000] [--devices 2000] [--batch 5000]
 [--repeats 3] [--eos] [--profile] [--no-gc-tune]``
 
-Times :func:`pipeline.worker.handle_batch` plus :func:`pipeline.changelog.changelog_records` (and, with
+Times :func:`liquidstream.pipeline.kafka.batch_step.handle_batch` plus
+:func:`liquidstream.pipeline.kafka.changelog.changelog_records` (and, with
 ``--eos``, the pre-batch state snapshot the exactly-once worker takes) over in-memory messages shaped like
 consumed ones (JSON readings, 8 channels, H = 64).  This is the CPU the worker spends per event outside the
 Kafka client and the broker: the ceiling of the end-to-end figures of ``benchmarks/e2e_kafka.py``.
@@ -26,10 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
-from pipeline import changelog as cl  # noqa: E402
-from pipeline.codec import DecodeLimits  # noqa: E402
-from pipeline.worker import OutputTopics, StateUndo, handle_batch, tune_gc  # noqa: E402
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings  # noqa: E402
+from liquidstream.pipeline import changelog as cl  # noqa: E402
+from liquidstream.pipeline.kafka.batch_step import handle_batch, tune_gc
+from liquidstream.pipeline.kafka.bookkeeping import StateUndo
+from liquidstream.pipeline.kafka.output import OutputTopics
+from liquidstream.pipeline.wire.codec import DecodeLimits  # noqa: E402
 
 
 class Message:

@@ -7,16 +7,16 @@ Contract: continuous-time cells advance per-device hidden states by each device'
 Nothing here imports ``pipeline``; every setting arrives as an :class:`OperatorSettings` value.
 """
 
-from operators.cells import CfCCell, LiquidCell, LTCCell, build_cell
-from operators.config import OperatorSettings
-from operators.errors import LiquidStreamError
-from operators.forecaster import Forecaster
-from operators.operator import LiquidOperator
-from operators.result import Alert, EventStatus, StepResult
-from operators.scoring import AnomalyScorer
-from operators.state_store import DeviceStateStore
+from liquidstream.operators.cells import CfCCell, LiquidCell, LTCCell, build_cell
+from liquidstream.operators.config import OperatorSettings
+from liquidstream.operators.errors import LiquidStreamError
+from liquidstream.operators.forecaster import Forecaster
+from liquidstream.operators.operator import LiquidOperator
+from liquidstream.operators.result import Alert, AlertReason, EventStatus, StepResult
+from liquidstream.operators.scoring import AnomalyScorer
+from liquidstream.operators.state.store import DeviceStateStore
 
 __all__ = [
-    "Alert", "AnomalyScorer", "CfCCell", "DeviceStateStore", "EventStatus", "Forecaster", "LTCCell",
+    "Alert", "AlertReason", "AnomalyScorer", "CfCCell", "DeviceStateStore", "EventStatus", "Forecaster", "LTCCell",
     "LiquidCell", "LiquidOperator", "LiquidStreamError", "OperatorSettings", "StepResult", "build_cell",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from operators.errors import ConfigError
+from liquidstream.operators.errors import ConfigError
 
 DuplicatePolicy = Literal["drop", "accept"]
 LatePolicy = Literal["drop", "accept"]
@@ -25,7 +25,7 @@ class OperatorSettings:
     >>> OperatorSettings(max_gap_s=-1.0)
     Traceback (most recent call last):
     ...
-    operators.errors.ConfigError: max_gap_s must be > 0, got -1.0
+    liquidstream.operators.errors.ConfigError: max_gap_s must be > 0, got -1.0
     """
 
     #: Same device, same event time as an already applied reading: ``drop`` reports it and skips it;
@@ -85,7 +85,7 @@ class OperatorSettings:
     #: device (learnt like ``var``, and frozen with it by ``reference_events``).  Noise averages out but a
     #: slow drift does not: a small persistent shift on a noisy channel stands out, while a channel that
     #: wanders slowly is judged by how far it normally wanders.  Costs 2 float32 per channel of device state,
-    #: only when on (see :mod:`operators.smoothed_level`).
+    #: only when on (see :mod:`liquidstream.operators.smoothed_level`).
     level_smoothing: float = 0.0
     #: When an alert closes (calm again, or after ``max_alert_s``), every channel's level jumps to its current
     #: (smoothed, with ``level_smoothing``) reading: the state the device is in after an incident becomes its

@@ -1,6 +1,6 @@
 """The forecaster: a continuous-time cell plus a Gaussian head over the time to the next reading.
 
-All quantities inside are in per-device normalised units (see :mod:`operators.normalization`):
+All quantities inside are in per-device normalised units (see :mod:`liquidstream.operators.normalization`):
 
 * ``advance(h, x, dt)`` folds a reading into the hidden state after a gap of ``dt`` seconds;
 * ``forecast(h, x_last, dt)`` predicts the mean and standard deviation, per channel, of the reading that
@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
-from operators.cells import CfCCell, build_cell
-from operators.cells._common import DerivedWeights
-from operators.errors import ConfigError
+from liquidstream.operators.cells import CfCCell, build_cell
+from liquidstream.operators.cells._common import DerivedWeights
+from liquidstream.operators.errors import ConfigError
 
 
 def _dt_feature(dt: torch.Tensor) -> torch.Tensor:

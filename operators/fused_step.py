@@ -8,9 +8,9 @@ the hidden state is handled channels first (``[C, B]``, scalars ``[B]``): in a w
 ``TRANSPOSE_MIN_ROWS`` devices as one transposed copy per gathered block (:class:`WaveState`), copied back
 before the scatter; in a smaller wave, where per-op overhead dominates and the copies would not pay, as
 strided views of the gathered rows.  The hidden state stays in rows: it only feeds matmuls, which read either
-layout without a copy (:meth:`~operators.forecaster.Forecaster.forecast_columns`, ``advance_columns``).
+layout without a copy (:meth:`~liquidstream.operators.forecaster.Forecaster.forecast_columns`, ``advance_columns``).
 
-The maths is :class:`~operators.operator.LiquidOperator`'s (see its module docstring for the steps);
+The maths is :class:`~liquidstream.operators.operator.LiquidOperator`'s (see its module docstring for the steps);
 only the layout and the order of float32 sums inside the matmuls differ.
 """
 
@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import torch
 
-from operators.config import OperatorSettings
-from operators.forecaster import Forecaster
-from operators.normalization import CLIP_Z, scale, update_stats
-from operators.scoring import AlertState, AnomalyScorer
-from operators.smoothed_level import learn_spread, smoothed_level
-from operators.state_store import DeviceStateStore
+from liquidstream.operators.config import OperatorSettings
+from liquidstream.operators.forecaster import Forecaster
+from liquidstream.operators.layout import FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, OutputRows
+from liquidstream.operators.normalization import CLIP_Z, scale, update_stats
+from liquidstream.operators.result import AlertReason as R
+from liquidstream.operators.scoring import AlertState, AnomalyScorer
+from liquidstream.operators.smoothed_level import learn_spread, smoothed_level
+from liquidstream.operators.state.store import DeviceStateStore
 
 #: Smoothing of the per-device gap estimate (the forecast horizon), per reading.
 GAP_ALPHA = 0.1
@@ -168,12 +170,15 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
                       torch.where(dt <= 0, gap, torch.where(cnt == 1, gap_dt, gap + GAP_ALPHA * (gap_dt - gap))))
     # 5. forecast the next reading at the usual gap, back in raw units
     mu2, sd2 = model.forecast_columns(w.h, x_n, gap)
-    torch.addcmul(mean, mu2, sc, out=o_f[:c])
-    torch.mul(sd2 * sc, torch.sqrt(calib), out=o_f[c:2 * c])
-    o_f[2 * c:3 * c] = z.masked_fill_(stuck_ch, float("inf"))  # z is not read again
-    o_f[3 * c], o_f[3 * c + 1], o_f[3 * c + 2] = gap, score, thr
-    o_b[0], o_b[1] = alert.in_alert, alert.opened
-    o_b[2] = torch.where(stuck, 1, torch.where(score > thr, 0, torch.where(sustained, 2, 3)))
+    rows = OutputRows(c)
+    torch.addcmul(mean, mu2, sc, out=o_f[rows.forecast])
+    torch.mul(sd2 * sc, torch.sqrt(calib), out=o_f[rows.std])
+    o_f[rows.z] = z.masked_fill_(stuck_ch, float("inf"))  # z is not read again
+    o_f[rows.horizon], o_f[rows.score], o_f[rows.threshold] = gap, score, thr
+    o_b[FLAG_IN_ALERT], o_b[FLAG_OPENED] = alert.in_alert, alert.opened
+    o_b[FLAG_REASON] = torch.where(stuck, R.STUCK_SENSOR.code, torch.where(
+        score > thr, R.FORECAST_DEVIATION.code, torch.where(sustained, R.SUSTAINED_DEVIATION.code,
+                                                            R.LEVEL_DEVIATION.code)))
     # 6. new values into the wave's columns, then one transposed copy and one scatter per block
     for name, value in (("x_last", x), ("mean", mean), ("var", var), ("calib", calib), ("score_mean", score_mean),
                         ("score_var", score_var), ("gap_ema", gap), ("z2_fast", fast), ("stuck", stuck_run),

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from operators.errors import ConfigError, ModelFormatError
-from operators.forecaster import Forecaster
+from liquidstream.operators.errors import ConfigError, ModelFormatError
+from liquidstream.operators.forecaster import Forecaster
 
 CONFIG_FORMAT = 1
 

@@ -1,8 +1,8 @@
 """The batched step operator: columnar readings in, forecasts, scores and alerts out.
 
 ``process`` takes a whole batch (any interleaving of devices), plans it into waves on the host
-(:mod:`operators.waves`), then runs one cell call per wave over all devices in that wave, gathering and
-scattering their rows in the :class:`~operators.state_store.DeviceStateStore`.  Per wave: forecast the
+(:mod:`liquidstream.operators.waves`), then runs one cell call per wave over all devices in that wave, gathering and
+scattering their rows in the :class:`~liquidstream.operators.state.store.DeviceStateStore`.  Per wave: forecast the
 reading from the state *before* it (at the real gap), score it, run the alert state machine, update the
 running statistics (unless inside an alert), fold the reading into the hidden state, and forecast the next
 reading at the device's usual gap.
@@ -15,21 +15,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from operators.config import OperatorSettings
-from operators.errors import InputError
-from operators.forecaster import Forecaster
-from operators.fused_step import run_wave
-from operators.result import Alert, StepResult
-from operators.scoring import AnomalyScorer
-from operators.smoothed_level import level_fields
-from operators.state_store import DeviceStateStore
-from operators.waves import plan_waves
-
-#: Alert reasons by code, as recorded per event in the wave loop.
-_REASONS = ("forecast_deviation", "stuck_sensor", "sustained_deviation", "level_deviation")
-#: Output block layout per applied event: ``_OUT_F`` per-channel float32 rows (forecast, std, z) and
-#: ``_OUT_S`` scalars (horizon seconds, score, threshold), channels first.
-_OUT_F, _OUT_S = 3, 3
+from liquidstream.operators.config import OperatorSettings
+from liquidstream.operators.errors import InputError
+from liquidstream.operators.forecaster import Forecaster
+from liquidstream.operators.fused_step import run_wave
+from liquidstream.operators.layout import FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_ROWS, OutputRows
+from liquidstream.operators.result import Alert, AlertReason, StepResult
+from liquidstream.operators.scoring import AnomalyScorer
+from liquidstream.operators.smoothed_level import level_fields
+from liquidstream.operators.state.store import DeviceStateStore
+from liquidstream.operators.waves import plan_waves
 
 
 class LiquidOperator:
@@ -99,7 +94,7 @@ class LiquidOperator:
         m = plan.source.shape[0]
         # Wave-ordered inputs as two channels-first blocks (one host-to-device copy each, pinned on CUDA):
         # float32 [C + 1, M] = values | dt (seconds); int64 [4, M] = store row | event time ms | count before |
-        # reset.  Outputs likewise, one row per quantity (see operators.fused_step for why channels first).
+        # reset.  Outputs likewise, one row per quantity (see liquidstream.operators.fused_step for why channels first).
         fl = np.empty((c + 1, m), np.float32)
         fl[:c] = values[plan.source].T
         fl[c] = plan.dt_s
@@ -107,8 +102,8 @@ class LiquidOperator:
         ints[0], ints[2], ints[3] = plan.rows, plan.count_before, plan.reset
         np.take(ts_ms, plan.source, out=ints[1])
         fl_t, ints_t = self._to_device(fl), self._to_device(ints)
-        out_f = torch.empty(_OUT_F * c + _OUT_S, m, device=self.device)  # forecast | std | z | horizon, score, thr
-        out_b = torch.empty(3, m, dtype=torch.int8, device=self.device)  # in_alert | opened | reason
+        out_f = torch.empty(OutputRows(c).float_rows, m, device=self.device)  # rows named by OutputRows
+        out_b = torch.empty(FLAG_ROWS, m, dtype=torch.int8, device=self.device)  # in_alert | opened | reason
         for k in range(plan.n_waves):
             lo, hi = int(plan.bounds[k]), int(plan.bounds[k + 1])
             reset = ints_t[3, lo:hi] != 0 if plan.reset[lo:hi].any() else None  # known on the host: no sync
@@ -130,33 +125,36 @@ class LiquidOperator:
 
     def _wave(self, idx: torch.Tensor, x: torch.Tensor, ts: torch.Tensor, dt: torch.Tensor, cnt: torch.Tensor,
               reset: torch.Tensor | None, o_f: torch.Tensor, o_b: torch.Tensor) -> None:
-        """One reading for each of B distinct devices, channels first (see :func:`operators.fused_step.run_wave`:
+        """One reading for each of B distinct devices, channels first (see
+        :func:`liquidstream.operators.fused_step.run_wave`:
         ``x`` [C, B], ``o_f`` [3C + 3, B], ``o_b`` [3, B]; ``reset`` None when no row of the wave resets)."""
         run_wave(self.settings, self.scorer, self.model, self.store, idx, x, ts, dt, cnt, reset, o_f, o_b)
 
     def _assemble(self, device_ids: Sequence[str], ts_ms: np.ndarray, status: np.ndarray, long_gap: np.ndarray,
                   source: np.ndarray, out_f: torch.Tensor, out_b: torch.Tensor) -> StepResult:
         n, c = len(device_ids), self.n_channels
+        layout = OutputRows(c)
         # One device-to-host copy per block, then one scatter into input order (NaN / False: not applied).
         res_f = np.full((n, out_f.shape[0]), np.nan, np.float32)
         res_f[source] = out_f.cpu().numpy().T
         flags = out_b.cpu().numpy()
         in_alert = np.zeros(n, np.bool_)
-        in_alert[source] = flags[0] != 0
-        res_score, res_thr = res_f[:, 3 * c + 1].copy(), res_f[:, 3 * c + 2].copy()
+        in_alert[source] = flags[FLAG_IN_ALERT] != 0
+        res_score, res_thr = res_f[:, layout.score].copy(), res_f[:, layout.threshold].copy()
         alerts: list[Alert] = []
-        opened_pos = np.flatnonzero(flags[1])
+        opened_pos = np.flatnonzero(flags[FLAG_OPENED])
         if opened_pos.size:
             k = min(self.settings.top_channels, c)
-            z = torch.from_numpy(res_f[source[opened_pos], 2 * c:3 * c].copy())
+            z = torch.from_numpy(res_f[source[opened_pos], layout.z].copy())
             top = torch.topk(z, k, dim=1).indices.numpy()
             for j, p in enumerate(opened_pos.tolist()):
                 i = int(source[p])
                 sc, th = float(res_score[i]), float(res_thr[i])
                 alerts.append(Alert(device_ids[i], int(ts_ms[i]), sc, th,
                                     self.scorer.severity(sc, th), tuple(int(ch) for ch in top[j]),
-                                    _REASONS[int(flags[2, p])], i))
+                                    AlertReason.from_code(int(flags[FLAG_REASON, p])), i))
         alerts.sort(key=lambda a: a.index)  # input order, not wave order
-        return StepResult(status=status, long_gap=long_gap, forecast=np.ascontiguousarray(res_f[:, :c]),
-                          forecast_std=np.ascontiguousarray(res_f[:, c:2 * c]), horizon_s=res_f[:, 3 * c].copy(),
+        return StepResult(status=status, long_gap=long_gap, forecast=np.ascontiguousarray(res_f[:, layout.forecast]),
+                          forecast_std=np.ascontiguousarray(res_f[:, layout.std]),
+                          horizon_s=res_f[:, layout.horizon].copy(),
                           score=res_score, threshold=res_thr, is_alert=in_alert, ts_ms=ts_ms, alerts=alerts)

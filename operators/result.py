@@ -1,10 +1,10 @@
 """What the operators' verbs return: the columnar output of one :meth:`LiquidOperator.process` call, and the
-counts and decisions of :class:`~operators.online.OnlineLearner`'s ``observe`` and ``learn``."""
+counts and decisions of :class:`~liquidstream.operators.online.learner.OnlineLearner`'s ``observe`` and ``learn``."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 
 import numpy as np
 import torch
@@ -29,6 +29,31 @@ class EventStatus(IntEnum):
         return self.name.lower()
 
 
+class AlertReason(StrEnum):
+    """Why an alert opened.  A string on the wire (``reason`` of an alert record); ``code`` is the int8 the
+    fused wave step writes (its position in this enum).
+
+    >>> AlertReason.STUCK_SENSOR.code, AlertReason.from_code(1), AlertReason.LEVEL_DEVIATION == "level_deviation"
+    (1, <AlertReason.STUCK_SENSOR: 'stuck_sensor'>, True)
+    """
+
+    FORECAST_DEVIATION = "forecast_deviation"  # the reading is far from the model's forecast
+    STUCK_SENSOR = "stuck_sensor"  # a channel repeated exactly the same value stuck_after readings in a row
+    SUSTAINED_DEVIATION = "sustained_deviation"  # residuals moderately but persistently large
+    LEVEL_DEVIATION = "level_deviation"  # the reading is far from the device's normal level
+
+    @property
+    def code(self) -> int:
+        return _REASON_ORDER.index(self)
+
+    @classmethod
+    def from_code(cls, code: int) -> AlertReason:
+        return _REASON_ORDER[code]
+
+
+_REASON_ORDER: tuple[AlertReason, ...] = tuple(AlertReason)
+
+
 @dataclass(frozen=True)
 class Alert:
     """One incident on one device, reported once when it opens."""
@@ -39,7 +64,7 @@ class Alert:
     threshold: float
     severity: str  # "warning" | "critical"
     channels: tuple[int, ...]  # channel indices, largest standardised residual first
-    reason: str  # "forecast_deviation" | "stuck_sensor" | "sustained_deviation" | "level_deviation"
+    reason: AlertReason
     index: int  # position of the triggering event in the process() input
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from operators.config import OperatorSettings
+from liquidstream.operators.config import OperatorSettings
 
 
 @dataclass

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from operators.normalization import scale
+from liquidstream.operators.normalization import scale
 
 #: Extra state-store fields of the smoothed level rule: (name, dtype, shape kind "C" = one per channel).
 LEVEL_FIELDS: tuple[tuple[str, torch.dtype, str], ...] = (("level_ema", torch.float32, "C"),

@@ -1,4 +1,4 @@
-"""Offline (and, later, online) training of a :class:`~operators.forecaster.Forecaster`.
+"""Offline (and, later, online) training of a :class:`~liquidstream.operators.forecaster.Forecaster`.
 
 Training runs the very recurrence the operator runs when serving (same normalisation, same
 forecast-then-advance order, same per-device gaps), over many devices at once: step ``t`` of a batch is the
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from operators.errors import InputError
-from operators.forecaster import Forecaster, gaussian_nll
-from operators.normalization import normalise, update_stats
+from liquidstream.operators.errors import InputError
+from liquidstream.operators.forecaster import Forecaster, gaussian_nll
+from liquidstream.operators.normalization import normalise, update_stats
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class Trainer:
         """One optimiser step on one window; returns the mean loss and the detached carried state.
 
         The one training step of the project: ``liquidstream train`` (offline, via :meth:`fit`) and the
-        online learner (:mod:`operators.online`) both call it.  ``learn`` and ``frozen`` are as in
+        online learner (:mod:`liquidstream.operators.online.learner`) both call it.  ``learn`` and ``frozen`` are as in
         :func:`rollout_terms`.  The loss is the (beta-)NLL, or squared error / 2 if ``mean_only``.
         """
         self.model.train()

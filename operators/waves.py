@@ -12,8 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from operators.config import OperatorSettings
-from operators.result import EventStatus
+from liquidstream.operators.config import OperatorSettings
+from liquidstream.operators.result import EventStatus
 
 _NO_PREVIOUS = np.iinfo(np.int64).min
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 #: Start-state fields of a window (name, shape kind: "H" hidden, "C" channels, "" scalar), all float32, in
-#: the order of :data:`operators.training.State`.
+#: the order of :data:`liquidstream.operators.training.State`.
 STATE_FIELDS = (("h", "H"), ("x_last", "C"), ("mean", "C"), ("var", "C"), ("count", ""))
 
 

@@ -1,10 +1,10 @@
 """Errors raised on purpose by the ``pipeline`` package (Kafka I/O, wire formats, configuration).
 
-All derive from :class:`PipelineError`, itself a :class:`~operators.errors.LiquidStreamError`, so a caller
+All derive from :class:`PipelineError`, itself a :class:`~liquidstream.operators.errors.LiquidStreamError`, so a caller
 can catch one type for the whole project.  Bad *input messages* are not errors: the codec turns them into
-dead letters (:mod:`pipeline.dlq`) and never raises on them.
+dead letters (:mod:`liquidstream.pipeline.wire.dead_letters`) and never raises on them.
 
->>> from operators.errors import LiquidStreamError
+>>> from liquidstream.operators.errors import LiquidStreamError
 >>> issubclass(DecodeError, LiquidStreamError) and issubclass(DecodeError, ValueError)
 True
 >>> err = KafkaDeliveryError("readings-dlq", "Broker: Message size too large", partition=3)
@@ -16,7 +16,7 @@ True
 
 from __future__ import annotations
 
-from operators.errors import ConfigError, LiquidStreamError
+from liquidstream.operators.errors import ConfigError, LiquidStreamError
 
 __all__ = [
     "ConfigurationError",
@@ -35,7 +35,7 @@ class PipelineError(LiquidStreamError):
 class ConfigurationError(PipelineError, ConfigError):
     """A worker setting is unusable (bad limits, inconsistent Kafka properties, model/settings mismatch).
 
-    Also a :class:`~operators.errors.ConfigError`, so code that catches the operator's configuration
+    Also a :class:`~liquidstream.operators.errors.ConfigError`, so code that catches the operator's configuration
     errors catches these too.
     """
 
@@ -67,7 +67,7 @@ class KafkaDeliveryError(PipelineError, RuntimeError):
 class TrainerFenced(PipelineError):
     """A newer trainer of the same model lineage started: this one may publish nothing more and must stop.
 
-    Raised by :class:`pipeline.update_publisher.UpdatePublisher` when the broker refuses its transaction
+    Raised by :class:`liquidstream.pipeline.updates.publisher.UpdatePublisher` when the broker refuses its transaction
     because another producer initialised the lineage's ``transactional.id`` (Kafka fencing).
     """
 

@@ -14,8 +14,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from operators.config import OperatorSettings
-from operators.online_config import OnlineSettings
+from liquidstream.operators.config import OperatorSettings
+from liquidstream.operators.online.config import OnlineSettings
 
 #: Event times before this are absurd for a live sensor (2000-01-01T00:00:00Z, epoch milliseconds).
 DEFAULT_TS_MIN_MS = 946_684_800_000
@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     #: with the same backlog drain rate; an idle worker then polls 100 times a second.
     batch_max_ms: int = Field(default=10, ge=1)
     #: at_least_once only: a batch's delivery wait, changelog and offset commit overlap the next batches'
-    #: consume and compute (same order, same guarantee: pipeline.at_least_once); off: one batch at a time.
+    #: consume and compute (same order, same guarantee: liquidstream.pipeline.kafka.at_least_once); off: one batch at a
+    # time.
     pipelined_commits: bool = True
     exit_when_idle_s: float | None = None  # bounded runs: stop after this many seconds without input
 
@@ -145,6 +146,21 @@ class Settings(BaseSettings):
         if self.follow_model_updates is None:
             return self.model_signing_key is not None
         return self.follow_model_updates
+
+    def resolved_worker_id(self, role: str = "") -> str:
+        """``worker_id`` if set, else host name and pid, with ``-role`` appended for a process of another role
+        (``trainer``, ``faust``) so that two kinds of process on one host never share an identity.
+
+        >>> Settings(worker_id="w-1").resolved_worker_id("trainer")
+        'w-1'
+        """
+        if self.worker_id:
+            return self.worker_id
+        import os
+        import socket
+
+        base = f"{socket.gethostname()}-{os.getpid()}"
+        return f"{base}-{role}" if role else base
 
     def configure_torch(self) -> None:
         """Apply process-wide PyTorch settings (CPU threads); call once at start-up."""

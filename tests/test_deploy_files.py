@@ -21,10 +21,10 @@ from typing import Any
 
 import pytest
 
-from operators.config import OperatorSettings
-from pipeline.cli import _settings
-from pipeline.cli_kafka import COMMANDS, full_parser
-from pipeline.settings import Settings
+from liquidstream.operators.config import OperatorSettings
+from liquidstream.pipeline.cli import COMMANDS, build_parser
+from liquidstream.pipeline.cli.entry import _settings
+from liquidstream.pipeline.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -227,7 +227,7 @@ def test_every_command_parses_with_the_real_cli(compose: dict[str, Any], monkeyp
         command = [str(arg) for arg in svc["command"]]
         assert command[0] in names, f"{service}: unknown sub-command {command[0]!r}"
         flags = {a.split("=")[0] for a in command if a.startswith("--")}
-        parser = full_parser()
+        parser = build_parser()
         subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub = subparsers.choices[command[0]]
         assert flags <= set(sub._option_string_actions), f"{service}: {flags - set(sub._option_string_actions)}"
@@ -249,6 +249,6 @@ def test_dockerfile_installs_the_project_with_the_cli_as_entrypoint() -> None:
     assert any(re.fullmatch(r"RUN pip install (--no-cache-dir )?\.", ln) for ln in lines)
     assert 'ENTRYPOINT ["liquidstream"]' in lines
     copied = {ln.split()[1] for ln in lines if ln.startswith("COPY")}
-    assert {"operators", "pipeline"} <= copied and any(c.startswith("pyproject.toml") for c in copied)
+    assert {"operators", "pipeline", "liquidstream"} <= copied and any(c.startswith("pyproject.toml") for c in copied)
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["liquidstream"] == "pipeline.cli:main"
+    assert scripts["liquidstream"] == "liquidstream.pipeline.cli:main"

@@ -2,7 +2,7 @@
 
 No cluster here: the manifests are parsed (the mini YAML parser of tests/test_deploy_files.py, extended with
 the compact ``- key: value`` sequence items Kubernetes manifests use) and checked statically, and the probe
-paths are requested from a real :class:`~pipeline.health.OpsServer`.
+paths are requested from a real :class:`~liquidstream.pipeline.ops.health.OpsServer`.
 """
 
 from __future__ import annotations
@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from operators.config import OperatorSettings
-from pipeline import cli, cli_kafka, cli_ops
-from pipeline.health import Health
-from pipeline.logs import is_secret_key
-from pipeline.metrics import Metrics
-from pipeline.ops_server import OpsServer
-from pipeline.settings import Settings
+from liquidstream.operators.config import OperatorSettings
+from liquidstream.pipeline.cli import build_parser
+from liquidstream.pipeline.ops.health import Health
+from liquidstream.pipeline.ops.logs import is_secret_key
+from liquidstream.pipeline.ops.metrics import Metrics
+from liquidstream.pipeline.ops.server import OpsServer
+from liquidstream.pipeline.settings import Settings
 from tests.test_deploy_files import MiniYaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,12 +134,7 @@ def test_config_and_secret_names_are_settings_fields(docs: dict[str, dict[str, A
 
 
 def _parse_cli(args: list[str]) -> argparse.Namespace | None:
-    saved = cli._EXTRA_COMMANDS[:]
-    try:
-        cli._EXTRA_COMMANDS[:] = [*cli_kafka.COMMANDS, *cli_ops.COMMANDS]
-        parser = cli.build_parser()
-    finally:
-        cli._EXTRA_COMMANDS[:] = saved
+    parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if args[0] not in subs.choices:
         assert args[0] in FUTURE_COMMANDS, f"unknown sub-command {args[0]!r}"

@@ -1,10 +1,11 @@
 """Continuous-time recurrent cells: :class:`LiquidCell`, :class:`LTCCell` and :class:`CfCCell`.
 
-Contract shared by every cell (see :class:`~operators.cells.base.ContinuousCell`):
+Contract shared by every cell (see :class:`~liquidstream.operators.cells.base.ContinuousCell`):
 
 * ``cell(x, h, dt) -> h_new`` with ``x: [B, input_size]``, ``h: [B, hidden_size]`` and ``dt: [B]``
   floating seconds, **one step per row**; ``dt`` is cast to ``h``'s dtype and a negative ``dt`` is treated
-  as ``0``.  Malformed shapes, non-float dtypes or mixed devices raise :class:`~operators.errors.InputError`.
+  as ``0``.  Malformed shapes, non-float dtypes or mixed devices raise
+  :class:`~liquidstream.operators.errors.InputError`.
 * Row ``i`` of ``h_new`` depends only on row ``i`` of the inputs (batched call == one row at a time);
   inputs are never modified; the step is deterministic and has no Python loop over the batch.
 * ``dt = 0`` leaves the state of the ODE cells (Liquid, LTC) bit-for-bit unchanged; any finite ``dt``
@@ -22,7 +23,7 @@ True
 >>> build_cell("gru", input_size=2, hidden_size=4)
 Traceback (most recent call last):
 ...
-operators.errors.ConfigError: unknown cell kind 'gru', expected one of ['cfc', 'liquid', 'ltc']
+liquidstream.operators.errors.ConfigError: unknown cell kind 'gru', expected one of ['cfc', 'liquid', 'ltc']
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-from operators.cells.base import ContinuousCell
-from operators.cells.cfc import CfCCell
-from operators.cells.liquid import LiquidCell
-from operators.cells.ltc import LTCCell
-from operators.errors import ConfigError
+from liquidstream.operators.cells.base import ContinuousCell
+from liquidstream.operators.cells.cfc import CfCCell
+from liquidstream.operators.cells.liquid import LiquidCell
+from liquidstream.operators.cells.ltc import LTCCell
+from liquidstream.operators.errors import ConfigError
 
 __all__ = ["CfCCell", "ContinuousCell", "LTCCell", "LiquidCell", "build_cell"]
 
@@ -45,7 +46,7 @@ def build_cell(kind: str, **config: Any) -> ContinuousCell:
     """Build a cell of ``kind`` (``"liquid"``, ``"ltc"``, ``"cfc"``) from its constructor kwargs.
 
     Accepts exactly what ``cell.config()`` returns.  An unknown kind, an unknown or missing key, or an
-    out-of-range value raises :class:`~operators.errors.ConfigError`.
+    out-of-range value raises :class:`~liquidstream.operators.errors.ConfigError`.
     """
     cls = _KINDS.get(kind)
     if cls is None:

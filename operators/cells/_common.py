@@ -10,7 +10,7 @@ torch.Size([2])
 >>> check_step(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 1), input_size=3, hidden_size=4)
 Traceback (most recent call last):
 ...
-operators.errors.InputError: dt must have shape [B] = [2] (one step per row, seconds), got [2, 1]
+liquidstream.operators.errors.InputError: dt must have shape [B] = [2] (one step per row, seconds), got [2, 1]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from operators.errors import ConfigError, InputError
+from liquidstream.operators.errors import ConfigError, InputError
 
 
 def _shape(t: torch.Tensor) -> str:

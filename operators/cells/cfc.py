@@ -21,9 +21,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from operators.cells._common import DerivedWeights, check_pair, check_sizes, check_step
-from operators.cells.base import ContinuousCell
-from operators.errors import ConfigError
+from liquidstream.operators.cells._common import DerivedWeights, check_pair, check_sizes, check_step
+from liquidstream.operators.cells.base import ContinuousCell
+from liquidstream.operators.errors import ConfigError
 
 MODES = ("default", "no_gate", "pure")
 ACTIVATIONS = ("lecun_tanh", "silu")
@@ -56,7 +56,7 @@ class CfCCell(ContinuousCell):
     >>> CfCCell(2, 3, mode="fancy")
     Traceback (most recent call last):
     ...
-    operators.errors.ConfigError: mode must be one of ('default', 'no_gate', 'pure'), got 'fancy'
+    liquidstream.operators.errors.ConfigError: mode must be one of ('default', 'no_gate', 'pure'), got 'fancy'
     """
 
     kind: ClassVar[str] = "cfc"

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from operators.cells._common import check_pair, check_sizes, check_step, inverse_softplus
-from operators.cells.base import ContinuousCell
-from operators.errors import ConfigError
+from liquidstream.operators.cells._common import check_pair, check_sizes, check_step, inverse_softplus
+from liquidstream.operators.cells.base import ContinuousCell
+from liquidstream.operators.errors import ConfigError
 
 INPUT_MAPPINGS = ("affine", "linear", "none")
 

@@ -22,8 +22,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
-from pipeline.dlq import HEADER_CLASS, HEADER_OFFSET, HEADER_PARTITION, HEADER_TOPIC, parse_dead_letter_headers
-from pipeline.simulate_kafka import FAULT_HEADER, FAULT_REASONS
+from liquidstream.pipeline.offline.fleet_messages import FAULT_HEADER, FAULT_REASONS
+from liquidstream.pipeline.wire.dead_letters import (
+    HEADER_CLASS,
+    HEADER_OFFSET,
+    HEADER_PARTITION,
+    HEADER_TOPIC,
+    parse_dead_letter_headers,
+)
 
 if TYPE_CHECKING:
     from confluent_kafka.admin import AdminClient
@@ -44,10 +50,10 @@ def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """
     import torch
 
-    from operators.model_io import save_model
-    from pipeline.demo import DemoConfig, train_model
-    from pipeline.settings import Settings
-    from pipeline.simulator import simulate
+    from liquidstream.operators.model_io import save_model
+    from liquidstream.pipeline.offline.demo import DemoConfig, train_model
+    from liquidstream.pipeline.offline.simulator import simulate
+    from liquidstream.pipeline.settings import Settings
 
     stream = simulate(n_devices=TRAIN_DEVICES, duration_s=TRAIN_DURATION_S, seed=TRAIN_SEED, anomaly_rate=0.0)
     cfg = DemoConfig(hidden_size=16, epochs=2, seed=1)
@@ -163,7 +169,7 @@ def drain(bootstrap: str, topic: str, *, committed_only: bool = True) -> list[Re
 
 
 def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", *args]
+    return [sys.executable, "-m", "liquidstream.pipeline.cli.entry", *args]
 
 
 def spawn(cmd: list[str], log: Path, started: list[subprocess.Popen[str]],

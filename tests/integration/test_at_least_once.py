@@ -1,4 +1,5 @@
-"""At-least-once with pipelined commits (``pipeline.at_least_once``), against a real Apache Kafka broker.
+"""At-least-once with pipelined commits (``liquidstream.pipeline.kafka.at_least_once``), against a real Apache Kafka
+broker.
 
 The worker overlaps a batch's delivery wait, changelog and offset commit with the next batches.  (a) SIGKILLed
 at seeded random moments and restarted in the same group: every valid reading still has a prediction (no

@@ -61,11 +61,12 @@ def reference(inputs: dict[Coord, Rec], topic: str, model: Path) -> dict[Coord, 
     """Predictions of an uninterrupted run: one operator, each partition's messages in offset order."""
     import torch
 
-    from operators import LiquidOperator
-    from operators.model_io import load_model
-    from pipeline.codec import DecodeLimits
-    from pipeline.settings import Settings
-    from pipeline.worker import OutputTopics, handle_batch
+    from liquidstream.operators import LiquidOperator
+    from liquidstream.operators.model_io import load_model
+    from liquidstream.pipeline.kafka.batch_step import handle_batch
+    from liquidstream.pipeline.kafka.output import OutputTopics
+    from liquidstream.pipeline.settings import Settings
+    from liquidstream.pipeline.wire.codec import DecodeLimits
 
     settings = Settings(device="cpu")
     threads = torch.get_num_threads()

@@ -1,9 +1,10 @@
-"""The faust-streaming app (``python -m pipeline.faust_app worker``) against a real broker.
+"""The faust-streaming app (``python -m liquidstream.pipeline.faust.app worker``) against a real broker.
 
 Readings of a simulated fleet plus malformed messages go to a fresh input topic in two halves.  The app runs
 as a subprocess over the first half, is stopped with SIGTERM, and a *second* process serves the rest, so its
 devices must come back from the faust table's changelog.  The predictions must be exactly what
-``LiquidOperator.process`` plus :func:`pipeline.records.prediction_records` give over all readings in one go
+``LiquidOperator.process`` plus :func:`liquidstream.pipeline.wire.records.prediction_records` give over all readings in
+one go
 (the same weights, loaded in the test), one per valid reading (by source offset), and every malformed
 message must be in the dead-letter topic with the reason the codec gives its kind.
 """
@@ -28,13 +29,19 @@ import pytest
 import torch
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from operators import Forecaster, LiquidOperator
-from operators.model_io import load_model, save_model
-from pipeline.dlq import HEADER_CLASS, HEADER_OFFSET, HEADER_PARTITION, HEADER_REASON, parse_dead_letter_headers
-from pipeline.records import alert_records, prediction_records
-from pipeline.settings import Settings
-from pipeline.simulate_kafka import FAULT_HEADER, MALFORMED_KINDS, SimMessage, malformed_messages
-from pipeline.simulator import SimulatedStream, simulate
+from liquidstream.operators import Forecaster, LiquidOperator
+from liquidstream.operators.model_io import load_model, save_model
+from liquidstream.pipeline.offline.fleet_messages import FAULT_HEADER, MALFORMED_KINDS, SimMessage, malformed_messages
+from liquidstream.pipeline.offline.simulator import SimulatedStream, simulate
+from liquidstream.pipeline.settings import Settings
+from liquidstream.pipeline.wire.dead_letters import (
+    HEADER_CLASS,
+    HEADER_OFFSET,
+    HEADER_PARTITION,
+    HEADER_REASON,
+    parse_dead_letter_headers,
+)
+from liquidstream.pipeline.wire.records import alert_records, prediction_records
 
 if TYPE_CHECKING:
     from tests.conftest import MakeTopic
@@ -146,7 +153,7 @@ def run_app(tmp_path: Path) -> Iterator[Any]:
         log = tmp_path / f"{name}.log"
         env = os.environ | env_settings | {"PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
         with open(log, "wb") as fh:  # the child keeps its own descriptor
-            proc = subprocess.Popen([sys.executable, "-m", "pipeline.faust_app", "worker", "-l", "info"],
+            proc = subprocess.Popen([sys.executable, "-m", "liquidstream.pipeline.faust.app", "worker", "-l", "info"],
                                     cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT)
         procs.append(proc)
         return proc, log
@@ -304,7 +311,7 @@ def test_offset_guard_orders_skips_and_repairs(monkeypatch: pytest.MonkeyPatch) 
 
     from faust.types import TP
 
-    from pipeline.faust_offsets import OffsetGuard
+    from liquidstream.pipeline.faust.offsets import OffsetGuard
 
     tp, seeks = TP("in", 0), list[tuple[TP, int]]()
     holes: dict[int, int | None] = {9: 10}  # offset 9: a transaction marker

@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from operators import Forecaster, LiquidOperator
-from operators.model_io import load_model
-from pipeline.model_record import UpdateRecord, build_record
-from pipeline.records import prediction_records
-from pipeline.settings import Settings
-from pipeline.simulator import SimulatedStream, simulate
-from pipeline.update_publisher import UpdatePublisher
+from liquidstream.operators import Forecaster, LiquidOperator
+from liquidstream.operators.model_io import load_model
+from liquidstream.pipeline.offline.simulator import SimulatedStream, simulate
+from liquidstream.pipeline.settings import Settings
+from liquidstream.pipeline.updates.publisher import UpdatePublisher
+from liquidstream.pipeline.updates.record import UpdateRecord, build_record
+from liquidstream.pipeline.wire.records import prediction_records
 from tests.integration.test_faust_app import (
     PARTITIONS,
     Collector,

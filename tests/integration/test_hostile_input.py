@@ -42,7 +42,7 @@ from typing import Any, Literal, cast
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 
-from pipeline.dlq import (
+from liquidstream.pipeline.wire.dead_letters import (
     HEADER_CLASS,
     HEADER_OFFSET,
     HEADER_PARTITION,

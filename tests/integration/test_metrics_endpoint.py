@@ -81,7 +81,7 @@ def _produce(bootstrap: str, topic: str, messages: list[tuple[bytes, bytes]]) ->
 def test_metrics_health_and_readiness_follow_the_traffic(kafka_bootstrap: str, topics: Topics, trained_model: Path,
                                                          tmp_path: Path, processes: list[subprocess.Popen[str]],
                                                          group: str) -> None:
-    from operators.model_io import load_model
+    from liquidstream.operators.model_io import load_model
 
     version = str(load_model(trained_model, "cpu")[1]["version"])
     log = tmp_path / "worker.log"
@@ -92,7 +92,7 @@ def test_metrics_health_and_readiness_follow_the_traffic(kafka_bootstrap: str, t
                    log, processes, env={"LIQUIDSTREAM_LOG_FORMAT": "json"})
     _until("metrics port in the log", lambda: PORT_LINE.search(log.read_text()) is not None, worker, log)
     line = next(ln for ln in log.read_text().splitlines() if PORT_LINE.search(ln))
-    doc = json.loads(line)  # structured logs (pipeline.logs), the worker id on every line
+    doc = json.loads(line)  # structured logs (liquidstream.pipeline.ops.logs), the worker id on every line
     port = int(doc["metrics_port"])
     assert port > 0 and doc["worker"] == "metrics-it" and doc["level"] == "INFO"
 

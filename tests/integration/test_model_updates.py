@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Producer
 
-from operators.model_io import load_model
-from pipeline.model_record import H_SIGNATURE, UpdateRecord, build_record, decode, verify
-from pipeline.simulate_kafka import build_messages, fleet_stream, produce_messages
+from liquidstream.operators.model_io import load_model
+from liquidstream.pipeline.offline.fleet_messages import build_messages, fleet_stream, produce_messages
+from liquidstream.pipeline.updates.record import H_SIGNATURE, UpdateRecord, build_record, decode, verify
 from tests.conftest import MakeTopic
 from tests.integration.conftest import (
     FAST_GROUP_CONFIG,

@@ -1,9 +1,10 @@
 """SASL/SCRAM-SHA-512 against a real broker: ``kafka-local start --sasl-scram`` on free ports, this module's own.
 
 Valid credentials produce and consume end to end; a wrong password is an authentication error that
-:class:`~pipeline.health.BrokerWatch` turns into a prompt, clear failure, and that the CLI must report within
+:class:`~liquidstream.pipeline.ops.health.BrokerWatch` turns into a prompt, clear failure, and that the CLI must report
+within
 seconds without ever printing the password: ``simulate`` and ``run`` call
-:func:`~pipeline.health.preflight` before any long-lived client exists.
+:func:`~liquidstream.pipeline.ops.health.preflight` before any long-lived client exists.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from pipeline.errors import ConfigurationError
-from pipeline.health import BrokerWatch, preflight
-from pipeline.settings import Settings
+from liquidstream.pipeline.errors import ConfigurationError
+from liquidstream.pipeline.ops.health import BrokerWatch, preflight
+from liquidstream.pipeline.settings import Settings
 from tests.conftest import KAFKA_LOCAL, NATIVE_START_TIMEOUT_S, NATIVE_STOP_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
@@ -154,7 +155,7 @@ def _cli_with_wrong_password(sasl_broker: SaslBroker, *args: str) -> tuple[int, 
                         "LIQUIDSTREAM_SASL_PASSWORD": WRONG, "LIQUIDSTREAM_LOG_LEVEL": "DEBUG"}
     start = time.monotonic()
     try:
-        done = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO_ROOT, env=env,
+        done = subprocess.run([sys.executable, "-m", "liquidstream.pipeline.cli.entry", *args], cwd=REPO_ROOT, env=env,
                               capture_output=True, text=True, timeout=FAIL_FAST_S + 30, check=False)
     except subprocess.TimeoutExpired as ex:
         pytest.fail(f"{args[0]} still running after {ex.timeout} s with a wrong password")

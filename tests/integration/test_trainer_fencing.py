@@ -1,4 +1,4 @@
-"""Fencing a second trainer of one model lineage on a real broker (pipeline.update_publisher).
+"""Fencing a second trainer of one model lineage on a real broker (liquidstream.pipeline.updates.publisher).
 
 Trainer A publishes seq 1; trainer B of the same lineage starts (``init_transactions`` on the lineage's
 transactional id) and reads seq 1 as the newest; A's next publish raises :class:`TrainerFenced` and leaves no
@@ -21,19 +21,21 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from pydantic import SecretStr
 
-from operators import Forecaster
-from pipeline.errors import TrainerFenced
-from pipeline.metrics import Metrics
-from pipeline.model_record import ModelUpdate, UpdateRecord, build_record, verify
-from pipeline.model_updates import ModelFollower, UpdateGate, UpdatePublisher
-from pipeline.settings import Settings
-from pipeline.simulate_kafka import build_messages, fleet_stream, produce_messages
-from pipeline.train_worker import EXIT_FENCED
-from pipeline.updates_topic import read_latest, updates_consumer
+from liquidstream.operators import Forecaster
+from liquidstream.pipeline.errors import TrainerFenced
+from liquidstream.pipeline.offline.fleet_messages import build_messages, fleet_stream, produce_messages
+from liquidstream.pipeline.ops.metrics import Metrics
+from liquidstream.pipeline.settings import Settings
+from liquidstream.pipeline.updates.follower import ModelFollower
+from liquidstream.pipeline.updates.gate import UpdateGate
+from liquidstream.pipeline.updates.publisher import UpdatePublisher
+from liquidstream.pipeline.updates.record import ModelUpdate, UpdateRecord, build_record, verify
+from liquidstream.pipeline.updates.topic import read_latest, updates_consumer
+from liquidstream.pipeline.updates.trainer import EXIT_FENCED
 from tests.conftest import MakeTopic
 from tests.integration.conftest import FAST_GROUP_CONFIG, cli, drain_messages, finish, spawn
 from tests.integration.test_model_updates import TRAINER_ENV
-from tests.pipeline.test_train_worker import Decision, FakeLearner, TrainerConsumer, _readings, _weights
+from tests.pipeline.updates.test_train_worker import Decision, FakeLearner, TrainerConsumer, _readings, _weights
 
 pytestmark = pytest.mark.integration
 KEY = "integration-fencing-key-0123456789"
@@ -168,7 +170,7 @@ def test_a_trainer_of_another_lineage_is_not_fenced(kafka_bootstrap: str, make_t
 
 def test_fenced_train_worker_exits_with_its_own_code(kafka_bootstrap: str, make_topic: MakeTopic,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    from pipeline.train_worker import TrainWorker
+    from liquidstream.pipeline.updates.trainer import TrainWorker
 
     topic = make_topic(1, prefix="model-updates", config={"cleanup.policy": "compact"})
     s = _settings(kafka_bootstrap, topic)

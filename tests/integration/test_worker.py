@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from confluent_kafka import Consumer
 
-from pipeline.incident_eval import score_incidents
-from pipeline.simulate_kafka import FAULT_REASONS, MALFORMED_KINDS
+from liquidstream.pipeline.eval.incidents import score_incidents
+from liquidstream.pipeline.offline.fleet_messages import FAULT_REASONS, MALFORMED_KINDS
 from tests.integration.conftest import (
     Topics,
     check_dead_letters,

@@ -1,4 +1,4 @@
-"""Contract suite for the continuous-time cells (``operators.cells``), plus ODE reference checks.
+"""Contract suite for the continuous-time cells (``liquidstream.operators.cells``), plus ODE reference checks.
 
 Every contract test runs for each cell (LiquidCell, LTCCell, CfCCell in all three modes) on cpu and, when
 available, cuda.  The reference tests integrate each ODE cell's own equation independently with RK4 in
@@ -18,8 +18,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from operators.cells import CfCCell, ContinuousCell, LiquidCell, LTCCell, build_cell
-from operators.errors import ConfigError, InputError
+from liquidstream.operators.cells import CfCCell, ContinuousCell, LiquidCell, LTCCell, build_cell
+from liquidstream.operators.errors import ConfigError, InputError
 
 IN, HID, B = 3, 5, 7
 ODE_KINDS = ("liquid", "ltc")  # dt = 0 leaves their state bit-for-bit unchanged

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import operators.fused_step as fused_step
-from operators import Forecaster, LiquidOperator, OperatorSettings
+import liquidstream.operators.fused_step as fused_step
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings
 
 T0 = 1_700_000_000_000
 C, H = 3, 6

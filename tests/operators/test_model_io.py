@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from operators import Forecaster
-from operators.errors import ModelFormatError
-from operators.model_io import load_model, model_version, save_model
+from liquidstream.operators import Forecaster
+from liquidstream.operators.errors import ModelFormatError
+from liquidstream.operators.model_io import load_model, model_version, save_model
 
 CELLS = {
     "cfc": {"cell": "cfc"},

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from operators import Forecaster, LiquidOperator, OperatorSettings, StepResult
-from operators.errors import InputError
-from operators.result import EventStatus
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings, StepResult
+from liquidstream.operators.errors import InputError
+from liquidstream.operators.result import EventStatus
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]

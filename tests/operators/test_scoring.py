@@ -12,9 +12,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from operators import AnomalyScorer, Forecaster, LiquidOperator, OperatorSettings
-from operators.errors import ConfigError
-from operators.scoring import AlertState
+from liquidstream.operators import AnomalyScorer, Forecaster, LiquidOperator, OperatorSettings
+from liquidstream.operators.errors import ConfigError
+from liquidstream.operators.scoring import AlertState
 
 T0 = 1_700_000_000_000
 C = 4

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from operators import Forecaster, LiquidOperator, OperatorSettings
-from operators.errors import ConfigError, StateFormatError
-from operators.smoothed_level import LEVEL_FIELDS
-from operators.state_store import DeviceStateStore
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings
+from liquidstream.operators.errors import ConfigError, StateFormatError
+from liquidstream.operators.smoothed_level import LEVEL_FIELDS
+from liquidstream.operators.state.store import DeviceStateStore
 
 CUDA = torch.cuda.is_available()
 T0 = 1_700_000_000_000

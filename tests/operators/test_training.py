@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from operators import Forecaster, LiquidOperator, OperatorSettings
-from operators.errors import InputError
-from operators.training import MIN_HISTORY, Sequences, Trainer, initial_state, rollout_loss
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings
+from liquidstream.operators.errors import InputError
+from liquidstream.operators.training import MIN_HISTORY, Sequences, Trainer, initial_state, rollout_loss
 
 T0 = 1_700_000_000_000
 

@@ -1,4 +1,5 @@
-"""Event-time planning (``operators.waves.plan_waves``) and the event policies as the operator applies them.
+"""Event-time planning (``liquidstream.operators.waves.plan_waves``) and the event policies as the operator applies
+them.
 
 ``plan_waves`` is checked against a per-event reference written from the policy definitions (sequential
 per device in event-time order; the device clock is the max applied event time and never moves backwards),
@@ -15,10 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from operators import Forecaster, LiquidOperator, OperatorSettings
-from operators.normalization import normalise
-from operators.result import EventStatus as S
-from operators.waves import plan_waves
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings
+from liquidstream.operators.normalization import normalise
+from liquidstream.operators.result import EventStatus as S
+from liquidstream.operators.waves import plan_waves
 
 T0 = 1_700_000_000_000  # epoch ms
 C = 2
@@ -308,7 +309,7 @@ def test_out_of_order_batch_equals_in_order_stream() -> None:
 @pytest.mark.parametrize("scale", [1, 70_000])
 def test_row_time_order_matches_lexsort(scale: int) -> None:
     """The radix fast path (rows beyond 16 bits included) and its fallback give the lexsort's order."""
-    from operators.waves import _by_row_then_time
+    from liquidstream.operators.waves import _by_row_then_time
 
     rng = np.random.default_rng(5)
     rows = rng.integers(0, 300, 2000) * scale

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pydantic
 import pytest
 
-from operators.errors import ConfigError
-from pipeline.settings import Settings
+from liquidstream.operators.errors import ConfigError
+from liquidstream.pipeline.settings import Settings
 
 
 def test_env_and_nested_operator_settings(monkeypatch: pytest.MonkeyPatch) -> None:

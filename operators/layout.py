@@ -1,0 +1,65 @@
+"""Row layout of the fused wave step's output blocks, named once for the writer and the reader.
+
+:func:`~liquidstream.operators.fused_step.run_wave` writes, per wave, one float32 block and one int8 block,
+channels first (one row per quantity, one column per reading: contiguous rows are cheap to fill on CUDA and
+on the CPU alike); :meth:`~liquidstream.operators.operator.LiquidOperator.process` reads them back into a
+:class:`~liquidstream.operators.result.StepResult`.  Both sides name rows through :class:`OutputRows`, so a new
+quantity is added here and nowhere else.
+
+>>> rows = OutputRows(channels=2)
+>>> rows.forecast, rows.std, rows.z, rows.horizon, rows.score, rows.threshold, rows.float_rows
+(slice(0, 2, None), slice(2, 4, None), slice(4, 6, None), 6, 7, 8, 9)
+>>> FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_ROWS
+(0, 1, 2, 3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["FLAG_IN_ALERT", "FLAG_OPENED", "FLAG_REASON", "FLAG_ROWS", "OutputRows"]
+
+#: Rows of the int8 block: an alert is open after the reading | the reading opened one | the AlertReason code.
+FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON = 0, 1, 2
+FLAG_ROWS = 3
+
+
+@dataclass(frozen=True)
+class OutputRows:
+    """Rows of the float32 block for ``channels`` channels: three per-channel groups, then the scalars."""
+
+    channels: int
+
+    @property
+    def forecast(self) -> slice:
+        """Forecast of the next reading, raw units."""
+        return slice(0, self.channels)
+
+    @property
+    def std(self) -> slice:
+        """Its spread, raw units."""
+        return slice(self.channels, 2 * self.channels)
+
+    @property
+    def z(self) -> slice:
+        """|standardised residual| of this reading per channel (inf on a stuck channel)."""
+        return slice(2 * self.channels, 3 * self.channels)
+
+    @property
+    def horizon(self) -> int:
+        """Seconds from this reading to the forecast's instant (the device's usual gap)."""
+        return 3 * self.channels
+
+    @property
+    def score(self) -> int:
+        """This reading's score against the forecast made before it."""
+        return 3 * self.channels + 1
+
+    @property
+    def threshold(self) -> int:
+        """The device's threshold when the reading arrived."""
+        return 3 * self.channels + 2
+
+    @property
+    def float_rows(self) -> int:
+        return 3 * self.channels + 3

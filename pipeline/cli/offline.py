@@ -1,0 +1,133 @@
+"""The offline sub-commands of ``liquidstream``: ``demo``, ``replay``, ``train``, ``evaluate`` (no broker).
+
+Each ``register_*`` adds its sub-command to the parser and returns its handler; :data:`COMMANDS` lists them
+for :mod:`liquidstream.pipeline.cli.entry`.  Heavy modules (torch, the evaluation code) are imported when a
+command runs, not by ``--help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from liquidstream.pipeline.cli.args import Command, Handler, model_flags, positive_int
+from liquidstream.pipeline.settings import Settings
+
+__all__ = ["COMMANDS"]
+
+
+def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    from liquidstream.pipeline.offline.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(devices=args.devices, duration_s=args.duration_s, seed=args.seed, cell=args.cell,
+                     epochs=args.epochs, hidden_size=args.hidden_size)
+    summary = run_demo(settings, Path(args.out), cfg, show=not args.quiet)
+    print(json.dumps({k: summary[k] for k in ("events", "devices", "predictions", "alerts", "precision",
+                                              "recall", "events_per_s")}))
+    return 0
+
+
+def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
+    from liquidstream.pipeline.offline.replay import ReplayConfig, run_replay
+
+    cfg = ReplayConfig(model=Path(args.model) if args.model else None, train_fraction=args.train_fraction,
+                       epochs=args.epochs, cell=args.cell, hidden_size=args.hidden_size)
+    summary = run_replay(settings, Path(args.input), Path(args.out), cfg, show=not args.quiet)
+    print(json.dumps({k: summary[k] for k in ("lines", "valid", "invalid", "predictions", "alerts")}))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
+    from liquidstream.pipeline.offline.replay import train_from_file
+
+    version = train_from_file(settings, Path(args.input), Path(args.out), cell=args.cell,
+                              hidden_size=args.hidden_size, epochs=args.epochs, show=not args.quiet)
+    print(json.dumps({"model": args.out, "version": version}))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    if args.benchmark == "irregular":
+        from liquidstream.pipeline.eval.irregular.study import IRREGULAR_EPOCHS, evaluate_irregular, format_irregular
+
+        irr = evaluate_irregular(settings, epochs=args.epochs or IRREGULAR_EPOCHS, hidden_size=args.hidden_size,
+                                 seeds=args.seeds, peers=not args.no_peers, objectives=(args.objective,),
+                                 stream_names=tuple(args.streams.split(",")),
+                                 sim_train_devices=args.sim_train_devices)
+        print(format_irregular(irr))
+        if args.json:
+            print(json.dumps(irr))
+        return 0
+    from liquidstream.pipeline.eval.skab_eval import evaluate_skab, format_table
+
+    if not args.data_dir:
+        print("liquidstream evaluate skab: --data-dir is required (SKAB's data/ folder)", file=sys.stderr)
+        return 2
+    report = evaluate_skab(settings, Path(args.data_dir), epochs=args.epochs or 20, cell=args.cell,
+                           hidden_size=args.hidden_size, peers=not args.no_peers, profile=args.profile)
+    print(format_table(report))
+    if args.json:
+        print(json.dumps(report))
+    return 0
+
+
+def register_demo(sub: Any) -> Handler:
+    p = sub.add_parser("demo", help="simulate a fleet, train, stream and score it (no broker)")
+    p.add_argument("--out", default="demo-output")
+    p.add_argument("--devices", type=int, default=200)
+    p.add_argument("--duration-s", type=float, default=1800.0)
+    p.add_argument("--seed", type=int, default=7)
+    model_flags(p, epochs=8)
+    return _cmd_demo
+
+
+def register_replay(sub: Any) -> Handler:
+    p = sub.add_parser("replay", help="stream a JSONL file of readings through the operator")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None)
+    p.add_argument("--train-fraction", type=float, default=0.0)
+    model_flags(p, epochs=8)
+    return _cmd_replay
+
+
+def register_train(sub: Any) -> Handler:
+    p = sub.add_parser("train", help="train a forecaster offline on a JSONL file of readings")
+    p.add_argument("--input", required=True)
+    p.add_argument("--out", required=True)
+    model_flags(p, epochs=8)
+    return _cmd_train
+
+
+def register_evaluate(sub: Any) -> Handler:
+    p = sub.add_parser("evaluate", help="accuracy: SKAB next to published baselines, or the irregular-sampling "
+                                        "study (docs/evaluation.md)")
+    p.add_argument("benchmark", choices=["skab", "irregular"])
+    p.add_argument("--data-dir", default=None, help="skab: SKAB's data/ folder (e.g. ../shared/data/skab/data)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line (skab: holding f1, far, mar)")
+    p.add_argument("--no-peers", action="store_true", help="skip the River peers")
+    p.add_argument("--profile", choices=["skab", "settings"], default="skab",
+                   help="skab: operator settings of liquidstream.pipeline.eval.skab_eval.SKAB_PROFILE on top of "
+                        "LIQUIDSTREAM_OPERATOR__*")
+    p.add_argument("--seeds", type=int, default=2, help="irregular: seeds per model")
+    p.add_argument("--objective", choices=["mse", "nll", "beta-nll"], default="mse",
+                   help="irregular: train the mean only (mse, unit spread), mean and spread (nll, production) "
+                        "or mean and spread with the mean's gradient of squared error (beta-nll)")
+    p.add_argument("--streams", default="co2,elnino,waterflow,simulator",
+                   help="irregular: comma-separated streams among co2, elnino, waterflow, simulator, sines (control)")
+    p.add_argument("--sim-train-devices", type=positive_int, default=96,
+                   help="irregular: simulated devices the simulator stream's models train on (32 others are held out)")
+    model_flags(p, epochs=20)
+    p.set_defaults(epochs=None)  # per benchmark: skab 20, irregular IRREGULAR_EPOCHS
+    return _cmd_evaluate
+
+
+COMMANDS: list[Command] = [
+    ("demo", register_demo),
+    ("replay", register_replay),
+    ("train", register_train),
+    ("evaluate", register_evaluate),
+]

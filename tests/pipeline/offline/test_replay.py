@@ -1,0 +1,78 @@
+"""File replay: every line is accounted for, invalid lines are reported with number and reason."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from liquidstream.operators.model_io import load_model
+from liquidstream.pipeline.offline.replay import ReplayConfig, run_replay
+from liquidstream.pipeline.offline.simulator import simulate
+from liquidstream.pipeline.settings import Settings
+
+T0 = 1_767_225_600_000
+
+
+def _write(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _reading(dev: str, ts: int, values: list[float]) -> str:
+    return json.dumps({"device_id": dev, "ts": ts, "values": values})
+
+
+def _jsonl(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_every_line_is_a_prediction_or_reported(tmp_path: Path) -> None:
+    lines = [
+        _reading("a", T0, [1.0, 2.0]),
+        _reading("a", T0 + 1000, [1.1, 2.0]),
+        "not json",
+        _reading("b", T0, [1.0]),  # wrong length
+        _reading("a", T0 + 1000, [1.1, 2.0]),  # duplicate of line 2
+        '{"device_id": "b", "ts": 1767225601000, "values": [NaN, 1]}',
+        _reading("b", 5, [1.0, 1.0]),  # absurd timestamp (1970)
+        _reading("b", T0 + 3000, [3.0, 4.0]),
+    ]
+    out = tmp_path / "out"
+    summary = run_replay(Settings(), _write(tmp_path / "in.jsonl", lines), out, ReplayConfig(), show=False)
+    assert summary["lines"] == 8
+    assert summary["predictions"] + summary["invalid"] == 8
+    invalid = {int(r["line"]): r["reason"] for r in _jsonl(out / "invalid.jsonl")}  # type: ignore[call-overload]
+    assert invalid == {3: "malformed_json", 4: "wrong_length", 5: "duplicate", 6: "non_finite",
+                       7: "bad_timestamp"}
+    preds = _jsonl(out / "predictions.jsonl")
+    assert [(p["device_id"], p["ts"]) for p in preds] == [("a", T0), ("a", T0 + 1000), ("b", T0 + 3000)]
+    assert preds[0]["status"] == "first" and preds[0]["score"] is None
+    assert isinstance(preds[1]["score"], float)
+    assert preds[1]["forecast_ts"] > preds[1]["ts"]  # type: ignore[operator]
+
+
+def test_train_fraction_trains_and_saves_a_loadable_model(tmp_path: Path) -> None:
+    sim = simulate(n_devices=6, duration_s=240.0, seed=3, anomaly_rate=0.0, normal_prefix_s=0.0)
+    src = tmp_path / "sim.jsonl"
+    sim.to_jsonl(src)
+    out = tmp_path / "out"
+    cfg = ReplayConfig(train_fraction=0.5, epochs=1, hidden_size=8)
+    summary = run_replay(Settings(), src, out, cfg, show=False)
+    assert summary["predictions"] == len(sim.ts_ms)
+    model, doc = load_model(out / "model.pt")
+    assert doc["version"] == summary["model_version"] != "untrained"
+    assert model.n_channels == sim.values.shape[1]
+    # the saved model drives a second replay and reports its version on every prediction
+    again = run_replay(Settings(), src, tmp_path / "again", ReplayConfig(model=out / "model.pt"), show=False)
+    versions = {p["model_version"] for p in _jsonl(tmp_path / "again" / "predictions.jsonl")}
+    assert versions == {summary["model_version"]} and again["predictions"] == summary["predictions"]
+
+
+def test_file_without_any_reading_is_a_clear_error(tmp_path: Path) -> None:
+    from liquidstream.pipeline.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="no line"):
+        run_replay(Settings(), _write(tmp_path / "x.jsonl", ["garbage", "[]"]), tmp_path / "o", ReplayConfig(),
+                   show=False)

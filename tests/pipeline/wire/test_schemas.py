@@ -1,0 +1,190 @@
+"""Tests of the wire models (liquidstream.pipeline.wire.schemas): the documented contract the codec is checked
+against."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from liquidstream.pipeline.wire.codec import encode_json
+from liquidstream.pipeline.wire.schemas import (
+    FLOAT32_OVERFLOW,
+    AlertRecord,
+    DeadLetterReason,
+    PredictionRecord,
+    Reading,
+    Source,
+    reason_for,
+    wire_json_schemas,
+)
+
+TS = 1_700_000_000_000  # epoch ms
+
+
+def _reading(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"device_id": "pump-7", "ts": TS, "values": [1.0, 2.0]}
+    base.update(overrides)
+    return base
+
+
+def _reason(obj: Any) -> DeadLetterReason:
+    with pytest.raises(ValidationError) as info:
+        Reading.model_validate(obj)
+    return reason_for(info.value)
+
+
+def test_valid_reading_converts_ints_and_ignores_extras() -> None:
+    r = Reading.model_validate(_reading(values=[1, 2.5, -3], extra={"x": [1]}, firmware="1.2"))
+    assert r.values == [1.0, 2.5, -3.0]
+    assert all(type(v) is float for v in r.values)
+    assert r.channels is None
+    assert not hasattr(r, "firmware")
+
+
+def test_channels_are_kept_when_lengths_match() -> None:
+    r = Reading.model_validate(_reading(channels=["temp", "rpm"]))
+    assert r.channels == ["temp", "rpm"]
+    assert Reading.model_validate(_reading(channels=None)).channels is None
+
+
+@pytest.mark.parametrize("ts", [1.5, 1.0 * TS, True, False, str(TS), None, [TS]])
+def test_ts_must_be_a_strict_int(ts: Any) -> None:
+    assert _reason(_reading(ts=ts)) is DeadLetterReason.SCHEMA
+
+
+def test_ts_accepts_big_ints_limits_are_the_codecs_job() -> None:
+    assert Reading.model_validate(_reading(ts=10**30)).ts == 10**30
+    assert Reading.model_validate(_reading(ts=-5)).ts == -5
+
+
+@pytest.mark.parametrize("value", [True, "1.5", None, [1.0], {"v": 1}])
+def test_values_reject_non_numbers(value: Any) -> None:
+    assert _reason(_reading(values=[1.0, value])) is DeadLetterReason.SCHEMA
+
+
+@pytest.mark.parametrize("values", [[], "1,2", None, 3.0, {"a": 1.0}])
+def test_values_must_be_a_non_empty_list(values: Any) -> None:
+    assert _reason(_reading(values=values)) is DeadLetterReason.SCHEMA
+
+
+def test_values_missing_is_schema() -> None:
+    obj = _reading()
+    del obj["values"]
+    assert _reason(obj) is DeadLetterReason.SCHEMA
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e300, -1e39, FLOAT32_OVERFLOW, 10**400,
+                                   2**128 - 2**103 - 1])  # the last int rounds up to the overflow point
+def test_values_must_be_finite_in_float32(value: float) -> None:
+    assert _reason(_reading(values=[1.0, value])) is DeadLetterReason.NON_FINITE
+
+
+def test_float32_boundary_is_exact() -> None:
+    largest_ok = float(np.nextafter(FLOAT32_OVERFLOW, 0.0))
+    r = Reading.model_validate(_reading(values=[largest_ok, -largest_ok]))
+    as32 = np.asarray(r.values, dtype=np.float32)
+    assert np.isfinite(as32).all()
+    with np.errstate(over="ignore"):
+        assert np.isinf(np.float32(FLOAT32_OVERFLOW))
+    assert Reading.model_validate(_reading(values=[1e-300, 5e-324])).values == [1e-300, 5e-324]
+
+
+def test_non_finite_json_literals_are_non_finite() -> None:
+    obj = json.loads('{"device_id": "d", "ts": 1, "values": [NaN, Infinity, -Infinity]}')
+    assert _reason(obj) is DeadLetterReason.NON_FINITE
+
+
+def test_structural_errors_win_over_non_finite() -> None:
+    assert _reason(_reading(ts=1.5, values=[math.nan])) is DeadLetterReason.SCHEMA
+
+
+@pytest.mark.parametrize("device_id", ["", " ", "\t\n", "a" * 257, 7, None, True, "ab\ud800"])
+def test_device_id_rules(device_id: Any) -> None:
+    assert _reason(_reading(device_id=device_id)) is DeadLetterReason.SCHEMA
+
+
+def test_device_id_limits_are_characters() -> None:
+    assert Reading.model_validate(_reading(device_id="é" * 256)).device_id == "é" * 256
+    assert Reading.model_validate(_reading(device_id=" x ")).device_id == " x "
+
+
+def test_channels_length_mismatch_is_wrong_length() -> None:
+    assert _reason(_reading(channels=["a"])) is DeadLetterReason.WRONG_LENGTH
+    assert _reason(_reading(channels=[])) is DeadLetterReason.WRONG_LENGTH
+
+
+@pytest.mark.parametrize("channels", [["a", 1], "ab", {"a": 1}, ["a", None], ["a", "\udfff"]])
+def test_channels_type_errors_are_schema(channels: Any) -> None:
+    assert _reason(_reading(channels=channels)) is DeadLetterReason.SCHEMA
+
+
+@pytest.mark.parametrize("obj", [[], 3, "x", None, True, [_reading()]])
+def test_non_objects_are_schema(obj: Any) -> None:
+    assert _reason(obj) is DeadLetterReason.SCHEMA
+
+
+def test_reason_values_are_stable() -> None:
+    assert [r.value for r in DeadLetterReason] == [
+        "empty", "oversize", "undecodable", "malformed_json", "schema", "non_finite", "wrong_length",
+        "bad_timestamp", "key_mismatch", "late", "duplicate",
+    ]
+    assert DeadLetterReason("late") is DeadLetterReason.LATE
+    assert f"{DeadLetterReason.NON_FINITE}" == "non_finite"
+
+
+SOURCE = Source(topic="readings", partition=3, offset=99)
+
+
+def _prediction(**overrides: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "device_id": "pump-7", "ts": TS, "forecast": [1.0, 2.0], "forecast_std": [0.1, 0.2],
+        "forecast_ts": TS + 1000, "horizon_s": 1.0, "score": None, "threshold": None, "is_alert": False,
+        "status": "first", "model_version": "cfc-1", "source": SOURCE,
+    }
+    base.update(overrides)
+    return base
+
+
+def test_prediction_record_round_trips_through_json() -> None:
+    rec = PredictionRecord.model_validate(_prediction(score=2.5, threshold=4.0, status="ok"))
+    raw = encode_json(rec)
+    assert json.loads(raw)["source"] == {"topic": "readings", "partition": 3, "offset": 99}
+    assert PredictionRecord.model_validate_json(raw) == rec
+    first = PredictionRecord.model_validate(_prediction())
+    assert json.loads(encode_json(first))["score"] is None
+
+
+@pytest.mark.parametrize("bad", [{"score": math.nan}, {"forecast": [1.0, math.inf]},
+                                 {"forecast_std": [0.1]}, {"status": ""}, {"horizon_s": -1.0}])
+def test_prediction_record_rejects_bad_fields(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        PredictionRecord.model_validate(_prediction(**bad))
+
+
+def test_alert_record() -> None:
+    alert = AlertRecord(device_id="pump-7", ts=TS, score=9.5, threshold=4.0, severity="critical",
+                        channels=["ch0", "ch2"], model_version="cfc-1", source=SOURCE)
+    assert json.loads(encode_json(alert))["severity"] == "critical"
+    with pytest.raises(ValidationError):
+        AlertRecord.model_validate({**alert.model_dump(), "severity": "fatal"})
+
+
+@pytest.mark.parametrize("bad", [{"partition": -1}, {"offset": -1}])
+def test_source_coordinates_are_non_negative(bad: dict[str, int]) -> None:
+    with pytest.raises(ValidationError):
+        Source.model_validate({"topic": "t", "partition": 0, "offset": 0, **bad})
+
+
+def test_json_schemas_document_the_contract() -> None:
+    schemas = wire_json_schemas()
+    reading = schemas["Reading"]
+    assert reading["properties"]["ts"]["type"] == "integer"
+    assert reading["properties"]["values"]["items"]["type"] == "number"
+    assert reading["properties"]["device_id"]["maxLength"] == 256
+    assert set(schemas["PredictionRecord"]["required"]) >= {"forecast_ts", "score", "source", "status"}
+    assert json.dumps(schemas)  # serialisable as-is for the docs
