@@ -37,6 +37,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from liquidstream.operators.result import AlertReason
+
 #: Magnitudes at or above this round to infinity when cast to float32 (half an ulp above float32's max).
 FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
 #: Longest accepted device id, in characters.
@@ -184,6 +186,8 @@ class AlertRecord(BaseModel):
     score: FiniteFloat
     threshold: FiniteFloat
     severity: Literal["warning", "critical"]
+    reason: AlertReason = Field(description="Why the alert opened: " + ", ".join(r.value for r in AlertReason)
+                                + " (liquidstream.operators.result.AlertReason).")
     channels: list[str] = Field(description='Most anomalous channels: names, or "ch0", "ch1", ... when the '
                                             "reading had none.")
     model_version: str

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from liquidstream.operators import AlertReason, Forecaster, LiquidOperator, OperatorSettings
 from liquidstream.pipeline.wire.codec import encode_json
+from liquidstream.pipeline.wire.records import alert_records
 from liquidstream.pipeline.wire.schemas import (
     FLOAT32_OVERFLOW,
     AlertRecord,
@@ -168,10 +170,26 @@ def test_prediction_record_rejects_bad_fields(bad: dict[str, Any]) -> None:
 
 def test_alert_record() -> None:
     alert = AlertRecord(device_id="pump-7", ts=TS, score=9.5, threshold=4.0, severity="critical",
-                        channels=["ch0", "ch2"], model_version="cfc-1", source=SOURCE)
-    assert json.loads(encode_json(alert))["severity"] == "critical"
+                        reason=AlertReason.STUCK_SENSOR, channels=["ch0", "ch2"], model_version="cfc-1",
+                        source=SOURCE)
+    assert json.loads(encode_json(alert))["reason"] == "stuck_sensor"
     with pytest.raises(ValidationError):
         AlertRecord.model_validate({**alert.model_dump(), "severity": "fatal"})
+    with pytest.raises(ValidationError):
+        AlertRecord.model_validate({**alert.model_dump(), "reason": "because"})
+
+
+def test_alert_records_the_worker_publishes_follow_the_schema() -> None:
+    """What :func:`alert_records` builds from a real operator result validates, ``reason`` included."""
+    op = LiquidOperator(Forecaster(n_channels=2, hidden_size=4), OperatorSettings(warmup_events=2, stuck_after=3))
+    n = 12
+    result = op.process(["d"] * n, np.arange(n, dtype=np.int64) * 1000 + TS, np.ones((n, 2), np.float32))
+    records = alert_records(result, op.model_version, [("in", 0, i) for i in range(n)])
+    assert records, "a channel repeating one value opens a stuck_sensor alert"
+    for _, value in records:
+        rec = AlertRecord.model_validate(value)
+        assert rec.reason in set(AlertReason)
+    assert "reason" in wire_json_schemas()["AlertRecord"]["required"]
 
 
 @pytest.mark.parametrize("bad", [{"partition": -1}, {"offset": -1}])
