@@ -3,14 +3,12 @@
 Usage: ``.venv/bin/python benchmarks/poisoning.py [--quick] [--seed N] [--ablation] [--device cpu|cuda]``
 
 The scenario is :mod:`liquidstream.pipeline.eval.poisoning` (50 clean devices with sinusoids at irregular gaps, 5
-attackers
-sending 4x as many crafted readings): a small forecaster is pretrained on the clean fleet, then the attacked
+attackers sending 4x as many crafted readings): a small forecaster is pretrained on the clean fleet, then the attacked
 stream goes through an :class:`~liquidstream.operators.online.learner.OnlineLearner` for a few rounds (observe, learn,
-adopt
-when accepted, roll back when told), once with every guard on and once with every guard off.  The figure is
-the clean devices' one-step forecast MSE (normalised units) on a clean evaluation stream the learner never
-sees.  ``--ablation`` also runs each guard alone.  ``--quick`` runs fewer rounds.  Prints a table and, last,
-one JSON line whose last three keys are ``clean_before``, ``clean_after_guarded``, ``clean_after_unguarded``.
+adopt when accepted, roll back when told), once with every guard on and once with every guard off.  The figure is the
+clean devices' one-step forecast MSE (normalised units) on a clean evaluation stream the learner never sees.
+``--ablation`` also runs each guard alone.  ``--quick`` runs fewer rounds.  Prints a table and, last, one JSON line
+whose last three keys are ``clean_before``, ``clean_after_guarded``, ``clean_after_unguarded``.
 """
 
 from __future__ import annotations

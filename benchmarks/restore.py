@@ -3,11 +3,10 @@
 Usage: ``.venv/bin/python benchmarks/restore.py --bootstrap 127.0.0.1:9092 [--devices 100000] [--partitions 4]
 [--hidden 32] [--channels 4]`` (a broker: ``deploy/kafka-local/kafka-local start``).
 
-Writes one changelog record per device (``store.snapshot([id])`` bytes, pinned to its partition, plus the
-progress records), exactly as the worker does, into a fresh compacted topic; then times what a worker does on
-assignment of all partitions: read the changelog from the beginning to its end with a ``read_committed``
-consumer (:func:`liquidstream.pipeline.kafka.changelog.read_changelog`), merge the per-device values into one snapshot,
-and
+Writes one changelog record per device (``store.snapshot([id])`` bytes, pinned to its partition, plus the progress
+records), exactly as the worker does, into a fresh compacted topic; then times what a worker does on assignment of all
+partitions: read the changelog from the beginning to its end with a ``read_committed`` consumer
+(:func:`liquidstream.pipeline.kafka.changelog.read_changelog`), merge the per-device values into one snapshot, and
 restore it into an empty store.  Prints one JSON line; the restored state is checked bit for bit.
 """
 

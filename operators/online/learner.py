@@ -1,16 +1,14 @@
 """Online fine-tuning of the forecaster from the stream, behind guards against poisoning.
 
-:class:`OnlineLearner` is the compute half of the trainer worker.  ``observe`` runs each batch through a
-shadow :class:`~liquidstream.operators.operator.LiquidOperator` serving the current model, so every reading's score and
-alert flag are exactly what the serving workers computed; the alert guard masks flagged readings; the
-readings are cut into per-device windows (:mod:`liquidstream.operators.window_assembler`) that chain from the serving
-state, and the windows go to a bounded replay buffer (:mod:`liquidstream.operators.online.replay_buffer`), a random
-share held
-out.  ``learn`` trains a candidate copy with :meth:`liquidstream.operators.training.Trainer.train_step` (the step
-offline
-training uses) on batches capped per device, bounds its parameter drift, and accepts it only if it beats the
-serving model on the held-out windows (median over devices).  ``adopt`` swaps a model in and keeps the
-previous one; ``check_rollback`` hands the previous one back when the live error rises after a swap.
+:class:`OnlineLearner` is the compute half of the trainer worker.  ``observe`` runs each batch through a shadow
+:class:`~liquidstream.operators.operator.LiquidOperator` serving the current model, so every reading's score and alert
+flag are exactly what the serving workers computed; the alert guard masks flagged readings; the readings are cut into
+per-device windows (:mod:`liquidstream.operators.window_assembler`) that chain from the serving state, and the windows
+go to a bounded replay buffer (:mod:`liquidstream.operators.online.replay_buffer`), a random share held out.  ``learn``
+trains a candidate copy with :meth:`liquidstream.operators.training.Trainer.train_step` (the step offline training uses)
+on batches capped per device, bounds its parameter drift, and accepts it only if it beats the serving model on the
+held-out windows (median over devices).  ``adopt`` swaps a model in and keeps the previous one; ``check_rollback`` hands
+the previous one back when the live error rises after a swap.
 """
 
 from __future__ import annotations

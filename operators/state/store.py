@@ -53,8 +53,7 @@ class DeviceStateStore:
         self.columns: dict[str, tuple[int, int]] = {}  # field -> (start, stop) column in its dtype's block
         widths: dict[torch.dtype, int] = {}
         # Fields an operator option needs (e.g. liquidstream.operators.smoothed_level) join the blocks, the snapshots
-        # and
-        # their layout check; zero-initialised.  Without options the layout is exactly TORCH_FIELDS.
+        # and their layout check; zero-initialised.  Without options the layout is exactly TORCH_FIELDS.
         self._fields = TORCH_FIELDS + tuple(extra_fields)
         self._kind = {name: (dtype, kind) for name, dtype, kind in self._fields}
         for name, dtype, kind in self._fields:

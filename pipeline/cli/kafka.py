@@ -3,8 +3,7 @@
 
 Registered through :data:`COMMANDS` (``liquidstream.pipeline.cli.entry`` imports it).  Flags whose destination is a
 :class:`~liquidstream.pipeline.settings.Settings` field (``--bootstrap``, ``--input-topic``, ``--group-id``,
-``--model``,
-``--exit-when-idle`` -> ``exit_when_idle_s`` ...) default to None so that a flag left out keeps the
+``--model``, ``--exit-when-idle`` -> ``exit_when_idle_s`` ...) default to None so that a flag left out keeps the
 ``LIQUIDSTREAM_*`` environment's value.
 """
 

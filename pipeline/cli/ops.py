@@ -1,11 +1,9 @@
 """Operations sub-commands of ``liquidstream``: ``report`` (a PNG of a few interesting devices).
 
 Registered through :data:`COMMANDS` (``liquidstream.pipeline.cli.entry`` imports it).  ``report`` reads the JSON-lines
-files a
-replay, the demo or a Kafka consumer of the output topics wrote, picks up to ``--devices`` devices (hits,
+files a replay, the demo or a Kafka consumer of the output topics wrote, picks up to ``--devices`` devices (hits,
 misses, false alarms, quiet ones: :func:`liquidstream.pipeline.offline.report.pick_devices`) and plots readings,
-forecast +-2
-std, alerts and, given ``--incidents``, the ground-truth windows.  It never imports torch.
+forecast +-2 std, alerts and, given ``--incidents``, the ground-truth windows.  It never imports torch.
 """
 
 from __future__ import annotations

@@ -1,12 +1,11 @@
 """The faust-streaming alternative to the confluent-kafka worker: the same operator as one faust agent.
 
 ``python -m liquidstream.pipeline.faust.app worker -l info`` (``LIQUIDSTREAM_*`` settings; ``docs/faust.md``).  Per
-batch the
-agent runs the worker's own step, :func:`liquidstream.pipeline.kafka.batch_step.handle_batch`, so the records are the
-same.  Device state
-lives in a faust table (device id -> ``DeviceStateStore.snapshot([device_id])``) whose changelog restores devices
-after restarts and rebalances.  At least once: a batch is acked once its outputs, then its state, are delivered.
-Signed model updates are followed as the worker does, between batches (:mod:`liquidstream.pipeline.faust.updates`).
+batch the agent runs the worker's own step, :func:`liquidstream.pipeline.kafka.batch_step.handle_batch`, so the records
+are the same.  Device state lives in a faust table (device id -> ``DeviceStateStore.snapshot([device_id])``) whose
+changelog restores devices after restarts and rebalances.  At least once: a batch is acked once its outputs, then its
+state, are delivered. Signed model updates are followed as the worker does, between batches
+(:mod:`liquidstream.pipeline.faust.updates`).
 """
 
 from __future__ import annotations

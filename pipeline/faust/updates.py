@@ -3,13 +3,11 @@
 swapped into the agent's operator only between two batches.
 
 Same gate, metrics and log lines as ``liquidstream run`` (:mod:`liquidstream.pipeline.kafka.worker`): the follower
-screens every
-record (signature, lineage, ``seq`` order, architecture), logs ``adopting model update ...`` or ``rejected model
-update ...``, counts ``liquidstream_model_updates_total{result, reason}``, and the served version is the
+screens every record (signature, lineage, ``seq`` order, architecture), logs ``adopting model update ...`` or ``rejected
+model update ...``, counts ``liquidstream_model_updates_total{result, reason}``, and the served version is the
 ``liquidstream_model_version`` gauge (kept in a :class:`~liquidstream.pipeline.ops.metrics.Metrics` of its own: the
-faust app serves
-no ``/metrics``; its stats lines carry :meth:`ModelUpdates.stats` instead).  Switched by the worker's setting,
-``settings.follows_model_updates`` (on when ``LIQUIDSTREAM_MODEL_SIGNING_KEY`` is set, unless
+faust app serves no ``/metrics``; its stats lines carry :meth:`ModelUpdates.stats` instead).  Switched by the worker's
+setting, ``settings.follows_model_updates`` (on when ``LIQUIDSTREAM_MODEL_SIGNING_KEY`` is set, unless
 ``LIQUIDSTREAM_FOLLOW_MODEL_UPDATES=false``).
 
 Where the swap happens, and why there: the agent polls at the start of each batch's compute (in the worker thread,

@@ -1,9 +1,8 @@
 """The Kafka worker's batch step, free of Kafka: consumed messages in, records to produce and offsets out.
 
 :func:`handle_batch` is the per-batch logic of ``liquidstream run`` (run by :mod:`liquidstream.pipeline.kafka.worker`):
-one
-columnar decode, one :meth:`LiquidOperator.process` call, the output records (predictions and alerts keyed
-by device id, dead letters by the original key) and the offsets to commit with them.  No client: unit-tested.
+one columnar decode, one :meth:`LiquidOperator.process` call, the output records (predictions and alerts keyed by device
+id, dead letters by the original key) and the offsets to commit with them.  No client: unit-tested.
 
 Every consumed message leaves exactly one trace: a prediction or a dead letter (codec rejects, and the
 operator's ``late``/``duplicate`` drops), so ``consumed == predictions + dead letters`` (:class:`Stats`).

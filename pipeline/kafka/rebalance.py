@@ -1,12 +1,11 @@
 """What a :class:`~liquidstream.pipeline.kafka.worker.KafkaWorker` does when the group moves partitions (the rebalance
 callbacks).
 
-On assignment (before any of the partitions' messages is fetched): fetch the group's committed offsets
-(stable: pending transactions resolved first), restore the partitions' devices from the changelog, report
-progress to :class:`~liquidstream.pipeline.kafka.worker_ops.WorkerOps` (``/readyz`` 503 and restore progress < 1
-meanwhile).
-On revocation: commit what is pending (at-least-once), drop the partitions' devices and lag series; a lost
-partition is dropped without a commit (another member may own it already).
+On assignment (before any of the partitions' messages is fetched): fetch the group's committed offsets (stable: pending
+transactions resolved first), restore the partitions' devices from the changelog, report progress to
+:class:`~liquidstream.pipeline.kafka.worker_ops.WorkerOps` (``/readyz`` 503 and restore progress < 1 meanwhile). On
+revocation: commit what is pending (at-least-once), drop the partitions' devices and lag series; a lost partition is
+dropped without a commit (another member may own it already).
 """
 
 from __future__ import annotations

@@ -8,8 +8,7 @@ member that lost its partitions.  An abortable error aborts and ``commit`` retur
 fencing and fatal errors raise :class:`PipelineError` (the worker exits non-zero).
 
 :class:`~liquidstream.pipeline.kafka.at_least_once.AtLeastOnce` (its own module): outputs acknowledged, then the
-changelog, then the
-offsets committed, pipelined across batches.
+changelog, then the offsets committed, pipelined across batches.
 """
 
 from __future__ import annotations

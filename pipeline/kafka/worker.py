@@ -1,11 +1,10 @@
 """The Kafka side of ``liquidstream run``: consume a batch, process it, make it durable, repeat.
 
 Per batch: ``consume`` -> :func:`~liquidstream.pipeline.kafka.batch_step.handle_batch` -> changelog records of its
-devices -> the
-committer (:mod:`~liquidstream.pipeline.kafka.transactions`; :mod:`~liquidstream.pipeline.kafka.at_least_once` overlaps
-deliveries and offset commits
-with the next batches, settled on an idle turn, a revocation, a stop).  An aborted transaction is rewound: the
-batch's devices get their pre-batch state back and the consumer seeks to the batch's first offsets.
+devices -> the committer (:mod:`~liquidstream.pipeline.kafka.transactions`;
+:mod:`~liquidstream.pipeline.kafka.at_least_once` overlaps deliveries and offset commits with the next batches, settled
+on an idle turn, a revocation, a stop).  An aborted transaction is rewound: the batch's devices get their pre-batch
+state back and the consumer seeks to the batch's first offsets.
 
 On assignment (in the rebalance callback: before any of the partitions' messages is fetched) the worker
 fetches the group's committed offsets (stable: pending transactions resolved first) and restores the

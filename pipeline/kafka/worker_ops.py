@@ -2,16 +2,13 @@
 the HTTP endpoint serving them (``/metrics``, ``/healthz``, ``/readyz`` on ``metrics_port``).
 
 :class:`WorkerOps` is what :class:`~liquidstream.pipeline.kafka.worker.KafkaWorker` talks to: a few verbs called from
-the loop
-(:meth:`~WorkerOps.beat` every turn, :meth:`~WorkerOps.batch_done` once per committed batch) and from the
-rebalance callbacks (:meth:`~WorkerOps.assigning`, :meth:`~WorkerOps.restored`, :meth:`~WorkerOps.released`).
-The clients get the :class:`~liquidstream.pipeline.ops.health.BrokerWatch` callbacks
-(:meth:`~WorkerOps.client_config`), so an
-authentication failure stops the worker, librdkafka statistics feed the per-partition lag, and a broker
-outage makes ``/readyz`` 503.  ``/readyz`` is 200 only when the group assigned this member its partitions,
-each one's state is restored (and :attr:`KafkaWorker.ready <liquidstream.pipeline.kafka.worker.KafkaWorker.ready>`
-agrees) and a
-broker is reachable.
+the loop (:meth:`~WorkerOps.beat` every turn, :meth:`~WorkerOps.batch_done` once per committed batch) and from the
+rebalance callbacks (:meth:`~WorkerOps.assigning`, :meth:`~WorkerOps.restored`, :meth:`~WorkerOps.released`). The
+clients get the :class:`~liquidstream.pipeline.ops.health.BrokerWatch` callbacks (:meth:`~WorkerOps.client_config`), so
+an authentication failure stops the worker, librdkafka statistics feed the per-partition lag, and a broker outage makes
+``/readyz`` 503.  ``/readyz`` is 200 only when the group assigned this member its partitions, each one's state is
+restored (and :attr:`KafkaWorker.ready <liquidstream.pipeline.kafka.worker.KafkaWorker.ready>` agrees) and a broker is
+reachable.
 
 >>> from liquidstream.pipeline.settings import Settings
 >>> ops = WorkerOps(Settings(input_topic="in"))

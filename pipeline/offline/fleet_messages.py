@@ -1,12 +1,11 @@
 """``liquidstream simulate``: a simulated fleet's readings onto a Kafka topic, with optional injected faults.
 
 Readings come from :func:`liquidstream.pipeline.offline.simulator.simulate` (the demo's generator), keyed by device id,
-in stream
-order.  Faults make the worker's dead-letter paths observable: ``malformed`` messages of every kind the
-codec rejects (:data:`MALFORMED_KINDS` maps each kind to the ``ls.error.class`` it must get), exact
-``duplicate`` re-sends right after the original, and ``late`` readings (a device's first reading moved 1 s
-earlier, sent near the end of the stream).  Each injected message carries the header ``sim.fault = <kind>``,
-which the dead-letter topic forwards, so tests and demos can tell injected faults from real ones.
+in stream order.  Faults make the worker's dead-letter paths observable: ``malformed`` messages of every kind the codec
+rejects (:data:`MALFORMED_KINDS` maps each kind to the ``ls.error.class`` it must get), exact ``duplicate`` re-sends
+right after the original, and ``late`` readings (a device's first reading moved 1 s earlier, sent near the end of the
+stream).  Each injected message carries the header ``sim.fault = <kind>``, which the dead-letter topic forwards, so
+tests and demos can tell injected faults from real ones.
 
 Event times are epoch milliseconds; by default the simulated span ends at the wall clock, so the readings
 look live to the worker's timestamp checks.

@@ -104,8 +104,7 @@ class Metrics:
         self.restore_progress = Gauge(f"{p}restore_progress", "Fraction 0..1 of the assigned partitions' "
                                       "device state restored from the changelog (1 = serving)", registry=r)
         # Model updates (liquidstream.pipeline.updates.follower): what serving workers adopted or rejected, and why;
-        # what the
-        # trainer decided about each candidate.  Reasons are fixed enums: the label sets stay small.
+        # what the trainer decided about each candidate.  Reasons are fixed enums: the label sets stay small.
         self.model_updates = Counter(f"{p}model_updates", "Model-update records a serving worker handled, by result "
                                      "(adopted, rejected) and reason (ok, or why it was rejected: unsigned, "
                                      "bad_signature, stale, tampered, incompatible, malformed, no_key ...)",

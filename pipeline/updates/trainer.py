@@ -1,14 +1,12 @@
 """``liquidstream train-worker``: fine-tune the forecaster on the live readings and publish signed updates.
 
-The trainer reads the input topic in its own consumer group (``trainer_group_id``, default
-``<group_id>-trainer``; at-least-once is plenty, it only learns), decodes each batch with the worker's columnar
-codec (rejects are counted and skipped: the serving workers dead-letter them) and feeds
-:meth:`OnlineLearner.observe <liquidstream.operators.online.learner.OnlineLearner.observe>`.  Every
-``trainer_interval_s`` in which
-new readings arrived it first asks for a rollback (live error up since the last swap), else trains a candidate
-(:meth:`~liquidstream.operators.online.learner.OnlineLearner.learn`, the guards decide); an accepted model or a
-rollback is signed,
-published to ``model_updates_topic`` with the next ``seq`` (one transaction, acknowledged before going on),
+The trainer reads the input topic in its own consumer group (``trainer_group_id``, default ``<group_id>-trainer``;
+at-least-once is plenty, it only learns), decodes each batch with the worker's columnar codec (rejects are counted and
+skipped: the serving workers dead-letter them) and feeds :meth:`OnlineLearner.observe
+<liquidstream.operators.online.learner.OnlineLearner.observe>`.  Every ``trainer_interval_s`` in which new readings
+arrived it first asks for a rollback (live error up since the last swap), else trains a candidate
+(:meth:`~liquidstream.operators.online.learner.OnlineLearner.learn`, the guards decide); an accepted model or a rollback
+is signed, published to ``model_updates_topic`` with the next ``seq`` (one transaction, acknowledged before going on),
 and only then adopted by the learner.  Offsets are committed at each attempt and at shutdown.
 
 One trainer per lineage, enforced by Kafka: the publisher's transactional id is the lineage's

@@ -2,12 +2,11 @@
 :mod:`liquidstream.pipeline.wire.encode`.
 
 :func:`decode_batch` applies the :class:`~liquidstream.pipeline.wire.schemas.Reading` contract plus the worker's limits
-to a
-whole batch without building a pydantic object per message: ``orjson.loads`` (``json.loads`` where orjson
-refuses or would read an integer event time as a float) and exact type checks per message (a fast path for
-plain valid readings, :func:`~liquidstream.pipeline.wire.checks.parse_reading` for the rest), then one numpy conversion
-and one vectorised finiteness check per batch.  Every input message ends up either in the decoded columns or
-in ``rejects``, exactly once, with the first failing check in this order::
+to a whole batch without building a pydantic object per message: ``orjson.loads`` (``json.loads`` where orjson refuses
+or would read an integer event time as a float) and exact type checks per message (a fast path for plain valid readings,
+:func:`~liquidstream.pipeline.wire.checks.parse_reading` for the rest), then one numpy conversion and one vectorised
+finiteness check per batch.  Every input message ends up either in the decoded columns or in ``rejects``, exactly once,
+with the first failing check in this order::
 
     empty > oversize > undecodable > malformed_json > schema > non_finite > wrong_length
           > bad_timestamp > key_mismatch

@@ -1,8 +1,7 @@
 """Turning a :class:`~liquidstream.operators.result.StepResult` into output records (predictions and alerts).
 
-One function per record kind, shared by the Kafka worker, the faust app, file replay and the demo, so every
-path publishes the same fields (see :mod:`liquidstream.pipeline.wire.schemas` for the contract).  Non-finite numbers
-never
+One function per record kind, shared by the Kafka worker, the faust app, file replay and the demo, so every path
+publishes the same fields (see :mod:`liquidstream.pipeline.wire.schemas` for the contract).  Non-finite numbers never
 reach the wire: a score that does not exist (a device's first reading) is ``null``.
 """
 

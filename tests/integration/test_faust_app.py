@@ -1,12 +1,11 @@
 """The faust-streaming app (``python -m liquidstream.pipeline.faust.app worker``) against a real broker.
 
-Readings of a simulated fleet plus malformed messages go to a fresh input topic in two halves.  The app runs
-as a subprocess over the first half, is stopped with SIGTERM, and a *second* process serves the rest, so its
-devices must come back from the faust table's changelog.  The predictions must be exactly what
-``LiquidOperator.process`` plus :func:`liquidstream.pipeline.wire.records.prediction_records` give over all readings in
-one go
-(the same weights, loaded in the test), one per valid reading (by source offset), and every malformed
-message must be in the dead-letter topic with the reason the codec gives its kind.
+Readings of a simulated fleet plus malformed messages go to a fresh input topic in two halves.  The app runs as a
+subprocess over the first half, is stopped with SIGTERM, and a *second* process serves the rest, so its devices must
+come back from the faust table's changelog.  The predictions must be exactly what ``LiquidOperator.process`` plus
+:func:`liquidstream.pipeline.wire.records.prediction_records` give over all readings in one go (the same weights, loaded
+in the test), one per valid reading (by source offset), and every malformed message must be in the dead-letter topic
+with the reason the codec gives its kind.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 Valid credentials produce and consume end to end; a wrong password is an authentication error that
 :class:`~liquidstream.pipeline.ops.health.BrokerWatch` turns into a prompt, clear failure, and that the CLI must report
-within
-seconds without ever printing the password: ``simulate`` and ``run`` call
+within seconds without ever printing the password: ``simulate`` and ``run`` call
 :func:`~liquidstream.pipeline.ops.health.preflight` before any long-lived client exists.
 """
 

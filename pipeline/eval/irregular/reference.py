@@ -1,14 +1,12 @@
 """How much is knowing the gap worth on a stream?  A reference forecaster that sees the times directly.
 
-The study's cells must *learn* to use the gap through their recurrence.  :func:`window_reference` measures
-what the readings themselves allow: a plain MLP (no recurrence, no continuous-time dynamics) given the last
-``history`` readings of the device, each with its exact age in seconds at the forecast time, predicts the
-next reading.  Its gap-blind twin gets the same readings with every gap replaced by the nominal 1 s, exactly as
-the gap-blind cells are fed.  Both are scored like the cells (:mod:`liquidstream.pipeline.eval.irregular.bins`):
-one-step
-squared error in the same running per-device normalisation (:data:`~liquidstream.operators.training.MIN_HISTORY`
-readings
-of warm-up, statistics as of before the reading), on the same held-out streams.
+The study's cells must *learn* to use the gap through their recurrence.  :func:`window_reference` measures what the
+readings themselves allow: a plain MLP (no recurrence, no continuous-time dynamics) given the last ``history`` readings
+of the device, each with its exact age in seconds at the forecast time, predicts the next reading.  Its gap-blind twin
+gets the same readings with every gap replaced by the nominal 1 s, exactly as the gap-blind cells are fed.  Both are
+scored like the cells (:mod:`liquidstream.pipeline.eval.irregular.bins`): one-step squared error in the same running
+per-device normalisation (:data:`~liquidstream.operators.training.MIN_HISTORY` readings of warm-up, statistics as of
+before the reading), on the same held-out streams.
 
 If even this reference gains little from the true times, the stream caps what any forecaster can get from the
 gap; if it gains much more than the cells, the cells are what falls short.

@@ -1,12 +1,11 @@
 """``liquidstream evaluate irregular``: does knowing the real gap between readings help forecasting?
 
 On irregular streams (:mod:`liquidstream.pipeline.eval.irregular.data`: the real Mauna Loa CO2 and WaterFlow recordings
-thinned into bursts and dropouts, and the simulator thinned by random drops) five one-step forecasters are
-trained the way production trains them (:class:`liquidstream.operators.training.Trainer`, same hidden size, epochs,
-window and seed; learning rate per cell kind, :data:`LEARNING_RATES`) and scored on held-out streams
+thinned into bursts and dropouts, and the simulator thinned by random drops) five one-step forecasters are trained the
+way production trains them (:class:`liquidstream.operators.training.Trainer`, same hidden size, epochs, window and seed;
+learning rate per cell kind, :data:`LEARNING_RATES`) and scored on held-out streams
 (:func:`liquidstream.pipeline.eval.irregular.bins.gap_metrics`: one-step MSE and Gaussian NLL in per-device normalised
-units,
-every reading after warm-up, and the MSE binned by the true gap):
+units, every reading after warm-up, and the MSE binned by the true gap):
 
 * ``cfc`` / ``ltc``: the liquid cells given the true gaps (as the operator runs them; LTC with its time
   constants initialised on the streams' scale, :data:`LTC_TAU_INIT_S`);
@@ -23,8 +22,7 @@ spread squared, learns slowly; the MSE target is therefore judged on the ``mse``
 ``sines`` stream is a control where the gap matters by construction.
 
 Next to the cells, :mod:`liquidstream.pipeline.eval.irregular.reference` measures what each stream allows: an MLP given
-the
-last readings with their exact ages, against its gap-blind twin, scored on the same readings.
+the last readings with their exact ages, against its gap-blind twin, scored on the same readings.
 
 Mean and standard deviation over ``seeds`` seeds (model initialisation and stream thinning).  The peers'
 part (River detectors next to the operator, on simulated irregular streams with injected incidents) is in
