@@ -1,0 +1,146 @@
+"""What ``evaluate nab`` and ``evaluate skab`` share: devices with a commissioning part, one forecaster trained on
+those parts, the lockstep stream through the operator, and the ablations that show what carries the decision.
+
+Every benchmark file is one device.  The first ``commissioning`` readings of each device are its commissioning
+data (assumed normal, labels unused): the forecaster trains on them, pooled over devices, and the operator is
+told the same length (:attr:`~liquidstream.operators.config.OperatorSettings.commissioning_events`), exactly as a
+user would set it for their own fleet.  All devices then stream through one
+:class:`~liquidstream.operators.operator.LiquidOperator` in chunks of :data:`CHUNK` readings per device: the
+operator applies a device's readings one at a time in event-time order, each scored against the forecast made
+before it, so a chunk looks no further ahead than a worker's batch does.
+
+Ablations, each a full run on the same data with the same operator defaults:
+
+* ``full``: the trained liquid forecaster and every trigger;
+* ``rules_only``: the model-based triggers off (only the level and stuck rules decide);
+* ``model_only``: the level and stuck rules off (only the model's forecast residuals decide);
+* ``persistence``: the untrained forecaster (its forecast is the last reading) in place of the trained one;
+* ``gru``: a discrete GRU of the same size, trained the same way, in place of the liquid cell.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings
+from liquidstream.operators.training import Sequences, Trainer
+from liquidstream.pipeline.eval.irregular.models import build_model
+
+__all__ = ["ABLATIONS", "CHUNK", "Device", "Streamed", "forecast_mse", "run_ablations", "stream", "train_forecaster"]
+
+#: Readings per device per ``process`` call (a worker's batch holds a few hundred readings per partition).
+CHUNK = 256
+
+
+@dataclass(frozen=True)
+class Device:
+    """One benchmark file as one device: event times (int64 epoch ms), readings (float32 [n, C])."""
+
+    name: str
+    ts_ms: np.ndarray
+    values: np.ndarray
+    commissioning: int  # the first readings, assumed normal: training data and the operator's reference
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """Per-device outputs of one run, in each device's reading order."""
+
+    anomaly_score: list[np.ndarray]  # float32 [n], in [0, 1]
+    is_alert: list[np.ndarray]  # bool [n]: an alert is open right after the reading
+    forecast: list[np.ndarray]  # float32 [n, C]: forecast of the device's next reading
+
+
+def train_forecaster(devices: Sequence[Device], *, kind: str, hidden_size: int, epochs: int, stats_alpha: float,
+                     device: str, seed: int = 0) -> Forecaster:
+    """A forecaster (``kind``: a liquid cell, or ``gru``) trained on the pooled commissioning parts."""
+    torch.manual_seed(seed)
+    ids = [d.name for d in devices for _ in range(d.commissioning)]
+    seqs = Sequences.from_columns(ids, np.concatenate([d.ts_ms[:d.commissioning] for d in devices]),
+                                  np.concatenate([d.values[:d.commissioning] for d in devices]))
+    c = devices[0].values.shape[1]
+    if kind == "gru":
+        model = build_model("gru", c, hidden_size)
+    else:
+        options: dict[str, object] = {"backbone_units": hidden_size} if kind == "cfc" else {}
+        model = Forecaster(n_channels=c, hidden_size=hidden_size, cell=kind, cell_options=options)
+    Trainer(model, window=32, lr=3e-3, stats_alpha=stats_alpha, seed=seed, device=device).fit(seqs, epochs)
+    return model.eval()
+
+
+def stream(op: LiquidOperator, devices: Sequence[Device], chunk: int = CHUNK) -> Streamed:
+    """Every device through ``op``, ``chunk`` readings of each per call, in order; nothing looks ahead."""
+    scores = [np.full(len(d.ts_ms), np.nan, np.float32) for d in devices]
+    alerts = [np.zeros(len(d.ts_ms), bool) for d in devices]
+    forecasts = [np.full(d.values.shape, np.nan, np.float32) for d in devices]
+    longest = max(len(d.ts_ms) for d in devices)
+    for lo in range(0, longest, chunk):
+        live = [j for j, d in enumerate(devices) if lo < len(d.ts_ms)]
+        parts = [(j, slice(lo, min(lo + chunk, len(devices[j].ts_ms)))) for j in live]
+        ids = [devices[j].name for j, sl in parts for _ in range(sl.stop - sl.start)]
+        res = op.process(ids, np.concatenate([devices[j].ts_ms[sl] for j, sl in parts]),
+                         np.concatenate([devices[j].values[sl] for j, sl in parts]))
+        pos = 0
+        for j, sl in parts:
+            n = sl.stop - sl.start
+            scores[j][sl] = res.anomaly_score[pos:pos + n]
+            alerts[j][sl] = res.is_alert[pos:pos + n]
+            forecasts[j][sl] = res.forecast[pos:pos + n]
+            pos += n
+    return Streamed(scores, alerts, forecasts)
+
+
+def forecast_mse(devices: Sequence[Device], forecasts: Sequence[np.ndarray] | None) -> float:
+    """Mean squared error of the next-reading forecasts after commissioning, each channel in units of its
+    commissioning standard deviation; ``None``: persistence (the next reading forecast as this one)."""
+    errs = []
+    for k, d in enumerate(devices):
+        scale = d.values[:d.commissioning].std(axis=0) + 1e-6
+        pred = d.values[d.commissioning:-1] if forecasts is None else forecasts[k][d.commissioning:-1]
+        err = (pred - d.values[d.commissioning + 1:]) / scale
+        errs.append(err[np.isfinite(err).all(axis=1)] ** 2)
+    return float(np.concatenate(errs).mean())
+
+
+#: Each ablation: which model to serve (``trained``, ``persistence`` or ``gru``) and the operator settings.
+ABLATIONS: dict[str, tuple[str, Callable[[OperatorSettings], OperatorSettings]]] = {
+    "full": ("trained", lambda s: s),
+    "rules_only": ("trained", lambda s: dataclasses.replace(s, model_triggers=False)),
+    "model_only": ("trained", lambda s: dataclasses.replace(s, rule_triggers=False)),
+    "persistence": ("persistence", lambda s: s),
+    "gru": ("gru", lambda s: s),
+}
+
+
+def run_ablations(devices: Sequence[Device], base: OperatorSettings, *, cell: str, hidden_size: int, epochs: int,
+                  device: str, names: Sequence[str] = tuple(ABLATIONS), seed: int = 0,
+                  ) -> tuple[dict[str, Streamed], dict[str, float]]:
+    """Each named ablation's stream, and the forecast MSE of every model served (and of persistence)."""
+    settings = dataclasses.replace(base, commissioning_events=max(d.commissioning for d in devices))
+    models: dict[str, Forecaster] = {}
+
+    def model(kind: str) -> Forecaster:
+        if kind not in models:
+            if kind == "persistence":
+                torch.manual_seed(seed)
+                models[kind] = Forecaster(n_channels=devices[0].values.shape[1], hidden_size=hidden_size).eval()
+            else:
+                models[kind] = train_forecaster(devices, kind=cell if kind == "trained" else kind,
+                                                hidden_size=hidden_size, epochs=epochs,
+                                                stats_alpha=settings.stats_alpha, device=device, seed=seed)
+        return models[kind]
+
+    runs: dict[str, Streamed] = {}
+    mse: dict[str, float] = {"persistence": forecast_mse(devices, None)}
+    for name in names:
+        kind, adjust = ABLATIONS[name]
+        op = LiquidOperator(model(kind), adjust(settings), device=device, model_version=f"{name}-{kind}")
+        runs[name] = stream(op, devices)
+        label = cell if kind == "trained" else kind
+        mse.setdefault(label, forecast_mse(devices, runs[name].forecast))
+    return runs, mse
