@@ -40,97 +40,70 @@ class OperatorSettings:
     max_gap_s: float = 600.0
     #: No alert while a device has applied fewer readings than this (its statistics are still settling).
     warmup_events: int = 20
-    #: Adaptive threshold = mean + threshold_sigma * std of the device's recent scores, never below
-    #: ``min_threshold``.
-    threshold_sigma: float = 6.0
-    min_threshold: float = 4.0
-    #: Hysteresis: an alert closes once ``exit_after`` consecutive scores are below
-    #: ``exit_ratio * threshold``.
-    exit_ratio: float = 0.6
-    exit_after: int = 5
-    #: After an alert closes, no new alert opens on that device for this long (seconds).
-    cooldown_s: float = 60.0
-    #: An open alert closes after this long even if scores stay high (the new level is accepted as normal).
-    max_alert_s: float = 900.0
-    #: Sustained deviation: an alert also opens when the short running mean of squared standardised
-    #: residuals (smoothing ``sustained_alpha`` per reading) exceeds ``sustained_ratio`` times the device's
-    #: long-run mean.  Catches changes that are moderate at every reading but persistent (a frequency change).
-    sustained_alpha: float = 0.1
-    sustained_ratio: float = 4.0
-    #: Level deviation, in standard deviations of the device's normal (frozen-in-alert) statistics: a
-    #: reading beyond ``level_sigma`` on any channel opens an alert; an open alert does not calm down while
-    #: readings stay beyond ``hold_sigma``.
-    level_sigma: float = 8.0
-    hold_sigma: float = 3.0
-    #: A channel repeating exactly the same value this many readings in a row counts as a stuck sensor.
+    #: Commissioning: a device's first ``commissioning_events`` readings are normal operation by assumption
+    #: (0 = none).  Every statistic learns from all of them, even while the likelihood is high, and no alert
+    #: opens during them; after them the normalisation scale (per-channel variance) freezes, so a slow or
+    #: long anomaly is measured against the spread seen during commissioning instead of teaching the
+    #: detector that it is normal (the level keeps following slow drift at ``stats_alpha``, never inside an
+    #: alert).  ``LiquidOperator.set_commissioning`` overrides the length per device.
+    commissioning_events: int = 0
+    #: The one alert knob: a calibrated tail probability per reading.  An alert opens when the anomaly
+    #: likelihood's tail probability ``p`` of a reading falls below it, so it is roughly the expected share of
+    #: normal readings that open a false alert (1e-4: about one per 10,000 normal readings and device, before
+    #: hysteresis and cooldown thin them further).  The reported ``score`` is ``-log10 p`` (decades of
+    #: surprise) and ``threshold`` is ``-log10 alert_probability``; a reading counts as calm once ``p`` exceeds
+    #: ``100 * alert_probability``.
+    alert_probability: float = 1e-4
+    #: Triggers.  ``model_triggers``: the anomaly likelihood of the forecaster's residuals (the delta forecast
+    #: and, when the model has one, the absolute forecast) opens alerts.  ``rule_triggers``: the rules open
+    #: alerts too: a stuck channel (``stuck_after``) and the level likelihood (the same likelihood machinery on
+    #: the residual against the device's normal level, i.e. its normalised reading).  Measured on NAB and
+    #: SKAB, adding the rules to the model lowered both scores, hence off by default; ``model_triggers=False,
+    #: rule_triggers=True`` is the rules-only ablation.
+    model_triggers: bool = True
+    rule_triggers: bool = False
+    #: An open alert closes after ``exit_after`` consecutive calm readings, or after ``max_alert_events``
+    #: readings open (the new state is then accepted as normal: the statistics learn from it again).  After
+    #: a close no alert opens on the device for ``cooldown_events`` readings.  All three count readings (not
+    #: event time), as the likelihood's own memory does.
+    exit_after: int = 10
+    max_alert_events: int = 500
+    cooldown_events: int = 100
+    #: A channel repeating exactly the same value this many readings in a row counts as a stuck sensor
+    #: (a trigger only with ``rule_triggers``; the stuck channel is always reported as infinite ``z``).
     stuck_after: int = 8
-    #: Smoothing factor of the per-device running statistics (normalisation, score, calibration), per
-    #: reading: about 1/alpha readings of memory, which should span a few periods of the slowest rhythm.
+    #: Smoothing factor of the per-device normalisation (running mean and variance) and of the model-spread
+    #: calibration, per reading: about 1/alpha readings of memory, which should span a few periods of the
+    #: slowest rhythm.
     stats_alpha: float = 0.005
-    #: A fixed reference (0 = off): after a device's first ``reference_events`` readings its normalisation
-    #: scale (per-channel variance) stops learning, so a slow or long anomaly is measured against the spread
-    #: seen during commissioning instead of teaching the detector that it is normal.  With
-    #: ``reference_level`` the per-channel level (mean) freezes too; otherwise it keeps following slow drift
-    #: (at ``stats_alpha``, and never inside an alert).  The reference readings are commissioning data, assumed
-    #: normal: the statistics learn from every one of them, even while an alert is open.
-    reference_events: int = 0
-    reference_level: bool = False
-    #: Inside an alert, channels whose reading (smoothed, with ``level_smoothing``) is still within
-    #: ``hold_sigma`` of their level keep learning (only the abnormal channels freeze), so a slowly drifting
-    #: channel (a warming motor) cannot hold an alert open after the incident ends.
-    learn_calm_channels: bool = False
-    #: Smoothed level rule (0 = off): the level rule (``level_sigma``, ``hold_sigma``, calm channels) reads an
-    #: exponential moving average of each channel (this weight per reading) instead of the raw reading, and
-    #: measures its distance from the level in the spread that this smoothed distance itself has on the
-    #: device (learnt like ``var``, and frozen with it by ``reference_events``).  Noise averages out but a
-    #: slow drift does not: a small persistent shift on a noisy channel stands out, while a channel that
-    #: wanders slowly is judged by how far it normally wanders.  Costs 2 float32 per channel of device state,
-    #: only when on (see :mod:`liquidstream.operators.smoothed_level`).
-    level_smoothing: float = 0.0
-    #: When an alert closes (calm again, or after ``max_alert_s``), every channel's level jumps to its current
-    #: (smoothed, with ``level_smoothing``) reading: the state the device is in after an incident becomes its
-    #: normal at once, instead of being learnt at ``stats_alpha`` while it keeps reopening alerts.  This
-    #: overrides ``reference_level`` at that moment; the reference spreads stay as they are.
-    rebase_on_close: bool = False
     #: Devices with no event for this long (event time, seconds) are evicted by ``evict_idle``.
     state_ttl_s: float = 24 * 3600.0
     #: Channels named in an alert: the ``top_channels`` with the largest standardised residuals.
     top_channels: int = 3
 
     def __post_init__(self) -> None:
-        positive = {
-            "max_gap_s": self.max_gap_s,
-            "threshold_sigma": self.threshold_sigma,
-            "min_threshold": self.min_threshold,
-            "stats_alpha": self.stats_alpha,
-            "state_ttl_s": self.state_ttl_s,
-            "max_alert_s": self.max_alert_s,
-            "sustained_alpha": self.sustained_alpha,
-            "sustained_ratio": self.sustained_ratio,
-            "level_sigma": self.level_sigma,
-            "hold_sigma": self.hold_sigma,
-        }
+        positive = {"max_gap_s": self.max_gap_s, "stats_alpha": self.stats_alpha, "state_ttl_s": self.state_ttl_s}
         for name, value in positive.items():
             if not value > 0:
                 msg = f"{name} must be > 0, got {value}"
                 raise ConfigError(msg)
-        if not 0 < self.exit_ratio <= 1:
-            msg = f"exit_ratio must be in (0, 1], got {self.exit_ratio}"
-            raise ConfigError(msg)
-        if not 0 <= self.level_smoothing < 1:
-            msg = f"level_smoothing must be in [0, 1), got {self.level_smoothing}"
-            raise ConfigError(msg)
         if self.stats_alpha >= 1:
             msg = f"stats_alpha must be < 1, got {self.stats_alpha}"
             raise ConfigError(msg)
+        if not 0 < self.alert_probability < 0.01:  # calm means p > 100 * alert_probability: must stay below 1
+            msg = f"alert_probability must be in (0, 0.01), got {self.alert_probability}"
+            raise ConfigError(msg)
         for name, ivalue in (("warmup_events", self.warmup_events), ("exit_after", self.exit_after),
-                             ("stuck_after", self.stuck_after), ("top_channels", self.top_channels)):
+                             ("stuck_after", self.stuck_after), ("top_channels", self.top_channels),
+                             ("max_alert_events", self.max_alert_events)):
             if ivalue < 1:
                 msg = f"{name} must be >= 1, got {ivalue}"
                 raise ConfigError(msg)
-        if self.reference_events < 0:
-            msg = f"reference_events must be >= 0, got {self.reference_events}"
-            raise ConfigError(msg)
-        if self.cooldown_s < 0:
-            msg = f"cooldown_s must be >= 0, got {self.cooldown_s}"
+        for name, ivalue in (("commissioning_events", self.commissioning_events),
+                             ("cooldown_events", self.cooldown_events)):
+            if ivalue < 0:
+                msg = f"{name} must be >= 0, got {ivalue}"
+                raise ConfigError(msg)
+        if not (self.model_triggers or self.rule_triggers):
+            msg = "at least one of model_triggers and rule_triggers must be on"
             raise ConfigError(msg)

@@ -16,6 +16,8 @@ only the layout and the order of float32 sums inside the matmuls differ.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from liquidstream.operators.config import OperatorSettings
@@ -23,21 +25,21 @@ from liquidstream.operators.forecaster import Forecaster
 from liquidstream.operators.layout import FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, OutputRows
 from liquidstream.operators.normalization import CLIP_Z, scale, update_stats
 from liquidstream.operators.result import AlertReason as R
-from liquidstream.operators.scoring import AlertState, AnomalyScorer
-from liquidstream.operators.smoothed_level import learn_spread, smoothed_level
+from liquidstream.operators.scoring import AlertState, AnomalyScorer, Likelihood, Surprise, learn, surprise
 from liquidstream.operators.state.store import DeviceStateStore
 
 #: Smoothing of the per-device gap estimate (the forecast horizon), per reading.
 GAP_ALPHA = 0.1
-#: Squared residuals above this are clamped in the sustained-deviation statistic.
-Z2_CLAMP = 25.0
-#: Bounds of the per-channel calibration (ratio of observed to predicted residual variance).
+#: Bounds of the per-channel calibration of the model's spread (ratio of observed to predicted residual
+#: variance): it scales the reported forecast_std.
 CALIB_CLAMP = 400.0
 CALIB_MIN = 0.01
 #: Horizon assumed for a device that has sent a single reading, seconds.
 DEFAULT_GAP_S = 1.0
 #: Waves of fewer devices work on strided views of the gathered rows instead of transposed copies.
 TRANSPOSE_MIN_ROWS = 1024
+#: anomaly_score = L / (L + SCORE_HALF), L = -log10 p: 0.5 at p = 1e-10 (monotone, never saturates).
+SCORE_HALF = 10.0
 
 
 class WaveState:
@@ -92,74 +94,72 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
              idx: torch.Tensor, x: torch.Tensor, ts: torch.Tensor, dt: torch.Tensor, cnt: torch.Tensor,
              reset: torch.Tensor | None, o_f: torch.Tensor, o_b: torch.Tensor) -> None:
     """One reading for each of B distinct devices, channels first: ``idx`` store rows, ``x`` float32 [C, B] raw
-    values, ``ts`` int64 event time ms, ``dt`` float32 seconds since the previous applied reading, ``cnt``
-    readings applied before, ``reset`` bool [B] (None: no row resets); writes ``o_f`` float32
-    [3C + 3, B] (forecast | std | z | horizon, score, threshold) and ``o_b`` int8 [3, B] (in_alert | opened |
-    reason)."""
+    values, ``ts`` int64 event time ms (unused: the alert machine counts readings), ``dt`` float32 seconds since
+    the previous applied reading, ``cnt`` readings applied before, ``reset`` bool [B] (None: no row resets);
+    writes ``o_f`` float32 [3C + 4, B] (forecast | std | z | horizon, score, threshold, anomaly_score) and
+    ``o_b`` int8 [3, B] (in_alert | opened | reason)."""
+    del ts  # event time drives the wave plan (order, gaps), not the step
     s, c = settings, model.n_channels
     w = WaveState(store, idx)
     f = w.field
     first = cnt == 0
     x_last, mean, var, calib = f("x_last"), f("mean"), f("var"), f("calib")
-    # 1. forecast this reading from the state before it, at the real gap, and score it
+    # 1. forecast this reading from the state before it, at the real gap (delta and absolute forecasts)
     sc = scale(mean, var)
-    mu, sd = model.forecast_columns(w.h, torch.clamp((x_last - mean) / sc, -CLIP_Z, CLIP_Z), dt)
-    x_z = (x - mean) / sc  # unclipped: the score must see how far out a reading is
-    # Per-device, per-channel calibration of the model's spread (see LiquidOperator).
-    score, z = scorer.score(x_z, mu, sd * torch.sqrt(calib), channel_dim=0)
-    score = score.masked_fill(first, float("nan"))
-    score_mean, score_var = f("score_mean"), f("score_var")
-    thr = scorer.threshold(score_mean, score_var)
+    mu, sd, ab = model.forecast_columns_all(w.h, torch.clamp((x_last - mean) / sc, -CLIP_Z, CLIP_Z), dt)
+    x_z = (x - mean) / sc  # unclipped: the likelihoods must see how far out a reading is
+    comm = f("commissioning")
+    n_comm = torch.where(comm >= 0, comm, s.commissioning_events)  # this device's commissioning, readings
+    in_comm = cnt < n_comm  # normal by assumption: everything learns from it, nothing alerts on it
+    settle_at = max(s.warmup_events // 2, 2)
+    settled = cnt >= settle_at  # before it the normalisation (hence every residual) is still unreliable
+    warm = (cnt >= s.warmup_events) & ~in_comm
+    # 2. anomaly likelihoods of the residuals (normalised units), combined with a Bonferroni correction
+    lik_n = f("lik_n")
+    residuals: list[tuple[str, torch.Tensor]] = []
+    if s.model_triggers:
+        residuals.append(("d", x_z - mu))
+        if ab is not None:
+            residuals.append(("a", x_z - ab))
+    if s.rule_triggers:
+        residuals.append(("l", x_z))  # against the device's normal level: its normalised reading itself
+    scored: list[tuple[str, torch.Tensor, Likelihood, Surprise]] = []
+    for key, r in residuals:
+        lik = Likelihood.of(f, key)
+        scored.append((key, r, lik, surprise(lik, r, lik_n, settled)))
+    best = scored[0][3].log10_p
+    for _, _, _, out in scored[1:]:
+        best = torch.minimum(best, out.log10_p)
+    log10_p = torch.clamp(best + math.log10(len(scored)), max=0.0) if len(scored) > 1 else best
+    log10_p = log10_p.masked_fill(first, float("nan"))  # no forecast before a first reading
     # Saturating: only ">= stuck_after" matters, and int16 must not wrap on a sensor stuck for hours.
     stuck_run = torch.where((x == x_last) & ~first, f("stuck").to(torch.int32) + 1, 0).clamp_(
         max=min(s.stuck_after, 32767)).to(torch.int16)
     stuck_ch = stuck_run >= s.stuck_after
     stuck = stuck_ch.any(dim=0)
-    settle_at = max(s.warmup_events // 2, 2)
-    settled = cnt >= settle_at
-    z2 = torch.clamp((z * z).mean(dim=0), max=Z2_CLAMP)
-    fast = f("z2_fast")
-    fast = torch.where(settled, fast + s.sustained_alpha * (z2 - fast), fast)
-    warm = cnt >= s.warmup_events
-    sustained = warm & (fast > s.sustained_ratio)
-    lvl = None if not s.level_smoothing else smoothed_level(x, f("level_ema"), mean, f("level_var"), first,
-                                                            s.level_smoothing)
-    level_z = x_z if lvl is None else lvl.z  # the level rule reads the smoothed reading when that is on
-    level = level_z.abs().amax(dim=0)  # distance from the device's normal level, in its own std units
-    level_high = warm & (level > s.level_sigma)
-    # 2. alert state machine
-    alert = scorer.step(
-        AlertState(f("alert_open"), f("alert_since_ms"), f("cooldown_ms"), f("calm")),
-        score, thr, stuck | sustained | level_high, ts, warm=warm, hold=level > s.hold_sigma)
-    learn = alert.learn
-    if s.learn_calm_channels:
-        learn = learn | (level_z.abs() < s.hold_sigma)
-    # 3. statistics learn only outside alerts (a first reading always initialises them)
+    condition = stuck & ~in_comm if s.rule_triggers else torch.zeros_like(stuck)
+    # 3. alert state machine
+    alert = scorer.step(AlertState(f("alert_open"), f("alert_age"), f("cooldown"), f("calm")), log10_p, condition,
+                        warm)
+    learn_ok = alert.learn | in_comm  # statistics learn outside alerts, and from all of commissioning
+    # 4. statistics learn (a first reading always initialises the normalisation)
+    lik_learn = learn_ok & settled
+    for key, r, lik, out in scored:
+        for name, value in learn(lik, r, out, lik_n, lik_learn).items(key):
+            w.set(name, value)
+    w.set("lik_n", lik_n + lik_learn.to(lik_n.dtype))
     new_mean, new_var = update_stats(mean, var, cnt, x, s.stats_alpha, channels_first=True)
-    if s.reference_events:
-        in_ref = cnt < s.reference_events
-        learn = learn | in_ref  # the reference readings are assumed normal: they all teach the statistics
-        new_var = torch.where(in_ref, new_var, var)
-        if s.reference_level:
-            new_mean = torch.where(in_ref, new_mean, mean)
-    mean = torch.where(learn, new_mean, mean)
-    var = torch.where(learn, new_var, var)
-    if lvl is not None:  # the smoothed distance's spread learns (and freezes) like var
-        w.set("level_var", learn_spread(f("level_var"), lvl.dev, cnt, s.stats_alpha,
-                                        learn & in_ref if s.reference_events else learn))
-        w.set("level_ema", lvl.ema)
-    if s.rebase_on_close:  # an alert that just closed: the device's current state becomes its level
-        mean = torch.where(alert.closed, x if lvl is None else lvl.ema, mean)
-    score_ok = alert.learn & settled
+    # After a commissioning the spread freezes (a slow or long anomaly is measured against commissioning's);
+    # the level keeps following slow drift.
+    var_learn = learn_ok & ((n_comm <= 0) | in_comm)
+    mean = torch.where(learn_ok, new_mean, mean)
+    var = torch.where(var_learn, new_var, var)
+    calib_ok = learn_ok & settled
     n_settled = (cnt - settle_at + 1).to(calib.dtype).clamp(min=1.0)
-    sm, sv = update_stats(score_mean, score_var, n_settled - 1, torch.minimum(score, thr).nan_to_num(0.0),
-                          s.stats_alpha, channels_first=True)
-    score_mean = torch.where(score_ok, sm, score_mean)
-    score_var = torch.where(score_ok, sv, score_var)
-    raw_z2 = torch.clamp(z * z * calib, max=CALIB_CLAMP)
+    raw_z2 = torch.clamp(((x_z - mu) / sd) ** 2, max=CALIB_CLAMP)  # squared residual in the model's own spread
     w_cal = torch.clamp(1.0 / n_settled, min=s.stats_alpha)
-    calib = torch.clamp(torch.where(score_ok, calib + w_cal * (raw_z2 - calib), calib), min=CALIB_MIN)
-    # 4. fold the reading into the hidden state (written over the gathered rows: the old state is not read again)
+    calib = torch.clamp(torch.where(calib_ok, calib + w_cal * (raw_z2 - calib), calib), min=CALIB_MIN)
+    # 5. fold the reading into the hidden state (written over the gathered rows: the old state is not read again)
     h = w.h if reset is None else w.h.masked_fill(reset.unsqueeze(1), 0.0)
     sc = scale(mean, var)
     x_n = torch.clamp((x - mean) / sc, -CLIP_Z, CLIP_Z)
@@ -168,21 +168,28 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     gap_dt = torch.clamp(dt, max=s.max_gap_s)
     gap = torch.where(first, DEFAULT_GAP_S,
                       torch.where(dt <= 0, gap, torch.where(cnt == 1, gap_dt, gap + GAP_ALPHA * (gap_dt - gap))))
-    # 5. forecast the next reading at the usual gap, back in raw units
+    # 6. forecast the next reading at the usual gap, back in raw units
     mu2, sd2 = model.forecast_columns(w.h, x_n, gap)
     rows = OutputRows(c)
     torch.addcmul(mean, mu2, sc, out=o_f[rows.forecast])
     torch.mul(sd2 * sc, torch.sqrt(calib), out=o_f[rows.std])
-    o_f[rows.z] = z.masked_fill_(stuck_ch, float("inf"))  # z is not read again
-    o_f[rows.horizon], o_f[rows.score], o_f[rows.threshold] = gap, score, thr
+    q = scored[0][3].q
+    for _, _, _, out in scored[1:]:
+        q = torch.maximum(q, out.q)
+    o_f[rows.z] = torch.sqrt(q).masked_fill_(stuck_ch, float("inf"))
+    score = log10_p.neg()  # L, decades of surprise (NaN on first readings)
+    o_f[rows.horizon], o_f[rows.score], o_f[rows.threshold] = gap, score, scorer.threshold
+    torch.div(score, score + SCORE_HALF, out=o_f[rows.anomaly_score])
     o_b[FLAG_IN_ALERT], o_b[FLAG_OPENED] = alert.in_alert, alert.opened
-    o_b[FLAG_REASON] = torch.where(stuck, R.STUCK_SENSOR.code, torch.where(
-        score > thr, R.FORECAST_DEVIATION.code, torch.where(sustained, R.SUSTAINED_DEVIATION.code,
-                                                            R.LEVEL_DEVIATION.code)))
-    # 6. new values into the wave's columns, then one transposed copy and one scatter per block
-    for name, value in (("x_last", x), ("mean", mean), ("var", var), ("calib", calib), ("score_mean", score_mean),
-                        ("score_var", score_var), ("gap_ema", gap), ("z2_fast", fast), ("stuck", stuck_run),
-                        ("alert_open", alert.state.open), ("alert_since_ms", alert.state.since_ms),
-                        ("cooldown_ms", alert.state.cooldown_ms), ("calm", alert.state.calm)):
+    reason = torch.full_like(stuck, R.ANOMALY_LIKELIHOOD.code, dtype=torch.int8)
+    if s.rule_triggers:
+        level = scored[-1][3].log10_p
+        reason = torch.where(level <= best, R.LEVEL_DEVIATION.code, reason)  # the level rule was the surprise
+        reason = torch.where(stuck, R.STUCK_SENSOR.code, reason)
+    o_b[FLAG_REASON] = reason
+    # 7. new values into the wave's columns, then one transposed copy and one scatter per block
+    for name, value in (("x_last", x), ("mean", mean), ("var", var), ("calib", calib), ("gap_ema", gap),
+                        ("stuck", stuck_run), ("alert_open", alert.state.open), ("alert_age", alert.state.age),
+                        ("cooldown", alert.state.cooldown), ("calm", alert.state.calm)):
         w.set(name, value)
     w.scatter()

@@ -7,8 +7,8 @@ on the CPU alike); :meth:`~liquidstream.operators.operator.LiquidOperator.proces
 quantity is added here and nowhere else.
 
 >>> rows = OutputRows(channels=2)
->>> rows.forecast, rows.std, rows.z, rows.horizon, rows.score, rows.threshold, rows.float_rows
-(slice(0, 2, None), slice(2, 4, None), slice(4, 6, None), 6, 7, 8, 9)
+>>> rows.forecast, rows.std, rows.z, rows.horizon, rows.score, rows.threshold, rows.anomaly_score, rows.float_rows
+(slice(0, 2, None), slice(2, 4, None), slice(4, 6, None), 6, 7, 8, 9, 10)
 >>> FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_ROWS
 (0, 1, 2, 3)
 """
@@ -42,7 +42,8 @@ class OutputRows:
 
     @property
     def z(self) -> slice:
-        """|standardised residual| of this reading per channel (inf on a stuck channel)."""
+        """|standardised residual| of this reading per channel, the largest over the likelihoods' residuals
+        (``sqrt(r^2 / s2)``; inf on a stuck channel)."""
         return slice(2 * self.channels, 3 * self.channels)
 
     @property
@@ -52,14 +53,19 @@ class OutputRows:
 
     @property
     def score(self) -> int:
-        """This reading's score against the forecast made before it."""
+        """This reading's score: -log10 of its combined tail probability (decades of surprise)."""
         return 3 * self.channels + 1
 
     @property
     def threshold(self) -> int:
-        """The device's threshold when the reading arrived."""
+        """The score at which an alert opens: -log10(alert_probability)."""
         return 3 * self.channels + 2
 
     @property
-    def float_rows(self) -> int:
+    def anomaly_score(self) -> int:
+        """The score mapped into [0, 1): L / (L + 10), L = -log10 p (monotone, no ties at the top)."""
         return 3 * self.channels + 3
+
+    @property
+    def float_rows(self) -> int:
+        return 3 * self.channels + 4

@@ -68,7 +68,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> tuple[Fo
         msg = f"{cfg_file} is not a liquidstream model config (format {fmt!r})"
         raise ModelFormatError(msg)
     try:
-        model = Forecaster(**doc["model"])
+        model = Forecaster.from_config(doc["model"])  # a config without absolute_head: a model without it
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
     # torch.load refuses unsafe or corrupt files with UnpicklingError, EOFError, KeyError, ValueError...

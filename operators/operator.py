@@ -3,9 +3,10 @@
 ``process`` takes a whole batch (any interleaving of devices), plans it into waves on the host
 (:mod:`liquidstream.operators.waves`), then runs one cell call per wave over all devices in that wave, gathering and
 scattering their rows in the :class:`~liquidstream.operators.state.store.DeviceStateStore`.  Per wave: forecast the
-reading from the state *before* it (at the real gap), score it, run the alert state machine, update the
-running statistics (unless inside an alert), fold the reading into the hidden state, and forecast the next
-reading at the device's usual gap.
+reading from the state *before* it (at the real gap), turn its residuals into a tail probability (the anomaly
+likelihoods of :mod:`liquidstream.operators.scoring`), run the alert state machine, update the running
+statistics (unless inside an alert), fold the reading into the hidden state, and forecast the next reading at
+the device's usual gap.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from liquidstream.operators.fused_step import run_wave
 from liquidstream.operators.layout import FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_ROWS, OutputRows
 from liquidstream.operators.result import Alert, AlertReason, StepResult
 from liquidstream.operators.scoring import AnomalyScorer
-from liquidstream.operators.smoothed_level import level_fields
+from liquidstream.operators.state.fields import LEVEL_FIELDS
 from liquidstream.operators.state.store import DeviceStateStore
 from liquidstream.operators.waves import plan_waves
 
@@ -49,7 +50,8 @@ class LiquidOperator:
         self.n_channels = model.n_channels
         self.scorer = AnomalyScorer(settings)
         self.store = DeviceStateStore(model.hidden_size, model.n_channels, initial_capacity=initial_capacity,
-                                      device=self.device, extra_fields=level_fields(settings.level_smoothing))
+                                      device=self.device,
+                                      extra_fields=LEVEL_FIELDS if settings.rule_triggers else ())
 
     def swap_model(self, model: Forecaster, version: str) -> None:
         """Serve a new model from the next call on (call between batches); device state is kept."""
@@ -58,6 +60,24 @@ class LiquidOperator:
             raise InputError(msg)
         self.model = model.to(self.device).eval()
         self.model_version = version
+
+    def set_commissioning(self, device_ids: Sequence[str], counts: Sequence[int] | np.ndarray) -> None:
+        """Give each device its own commissioning length, in readings from its first (instead of
+        ``settings.commissioning_events``): a benchmark file, a device commissioned for longer.  Devices not
+        yet in the store get a row now (and count as idle to ``evict_idle`` until their first reading).
+
+        >>> op = LiquidOperator(Forecaster(n_channels=1, hidden_size=4), OperatorSettings())
+        >>> op.set_commissioning(["a", "b"], [300, 0])
+        >>> op.store.tensors["commissioning"][op.store.lookup(["a", "b"])].tolist()
+        [300, 0]
+        """
+        n = np.asarray(counts, dtype=np.int64)
+        if n.shape != (len(device_ids),) or (n < 0).any() or (n >= 2**31).any():
+            msg = f"expected {len(device_ids)} commissioning counts in [0, 2**31), got {n.tolist()!r}"
+            raise InputError(msg)
+        rows, _ = self.store.rows_for(device_ids)
+        idx = torch.as_tensor(rows, device=self.device)
+        self.store.tensors["commissioning"][idx] = torch.as_tensor(n, dtype=torch.int32, device=self.device)
 
     def evict_idle(self, now_ms: int) -> list[str]:
         return self.store.evict_idle(now_ms, self.settings.state_ttl_s)
@@ -127,7 +147,7 @@ class LiquidOperator:
               reset: torch.Tensor | None, o_f: torch.Tensor, o_b: torch.Tensor) -> None:
         """One reading for each of B distinct devices, channels first (see
         :func:`liquidstream.operators.fused_step.run_wave`:
-        ``x`` [C, B], ``o_f`` [3C + 3, B], ``o_b`` [3, B]; ``reset`` None when no row of the wave resets)."""
+        ``x`` [C, B], ``o_f`` [3C + 4, B], ``o_b`` [3, B]; ``reset`` None when no row of the wave resets)."""
         run_wave(self.settings, self.scorer, self.model, self.store, idx, x, ts, dt, cnt, reset, o_f, o_b)
 
     def _assemble(self, device_ids: Sequence[str], ts_ms: np.ndarray, status: np.ndarray, long_gap: np.ndarray,
@@ -157,4 +177,5 @@ class LiquidOperator:
         return StepResult(status=status, long_gap=long_gap, forecast=np.ascontiguousarray(res_f[:, layout.forecast]),
                           forecast_std=np.ascontiguousarray(res_f[:, layout.std]),
                           horizon_s=res_f[:, layout.horizon].copy(),
-                          score=res_score, threshold=res_thr, is_alert=in_alert, ts_ms=ts_ms, alerts=alerts)
+                          score=res_score, threshold=res_thr, is_alert=in_alert, ts_ms=ts_ms,
+                          anomaly_score=res_f[:, layout.anomaly_score].copy(), alerts=alerts)

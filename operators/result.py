@@ -41,6 +41,7 @@ class AlertReason(StrEnum):
     STUCK_SENSOR = "stuck_sensor"  # a channel repeated exactly the same value stuck_after readings in a row
     SUSTAINED_DEVIATION = "sustained_deviation"  # residuals moderately but persistently large
     LEVEL_DEVIATION = "level_deviation"  # the reading is far from the device's normal level
+    ANOMALY_LIKELIHOOD = "anomaly_likelihood"  # the forecast residuals' anomaly likelihood fell below alert_probability
 
     @property
     def code(self) -> int:
@@ -74,8 +75,10 @@ class StepResult:
 
     ``forecast``/``forecast_std`` are the model's prediction of the device's *next* reading, expected
     ``horizon_s`` seconds after this one (at ``forecast_ts_ms``), in raw units; NaN for events not applied.
-    ``score`` is this reading's score against the forecast made before it arrived (NaN for first readings
-    and events not applied); ``threshold`` is the device's threshold at that moment.
+    ``score`` is this reading's surprise, ``-log10 p`` of its combined anomaly-likelihood tail probability
+    (decades; NaN for first readings and events not applied); ``threshold`` is the score at which an alert
+    opens, ``-log10(alert_probability)``; ``anomaly_score`` is the score mapped into [0, 1):
+    ``score / (score + 10)`` (NaN where ``score`` is).
     """
 
     status: np.ndarray  # int8 [N], EventStatus values
@@ -87,6 +90,7 @@ class StepResult:
     threshold: np.ndarray  # float32 [N]
     is_alert: np.ndarray  # bool [N]: an alert is open on the device after this reading
     ts_ms: np.ndarray  # int64 [N], echo of the input event times
+    anomaly_score: np.ndarray  # float32 [N], in [0, 1)
     alerts: list[Alert] = field(default_factory=list)
 
     @property
@@ -108,7 +112,7 @@ class StepResult:
         f = np.zeros((0, n_channels), np.float32)
         z = np.zeros(0, np.float32)
         return cls(np.zeros(0, np.int8), np.zeros(0, bool), f, f.copy(), z, z.copy(), z.copy(),
-                   np.zeros(0, bool), np.zeros(0, np.int64))
+                   np.zeros(0, bool), np.zeros(0, np.int64), z.copy())
 
 
 @dataclass(frozen=True)

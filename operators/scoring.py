@@ -1,31 +1,130 @@
-"""Anomaly scoring and the per-device alert state machine (adaptive threshold, hysteresis, cooldown).
+"""The anomaly likelihood of a residual stream and the per-device alert state machine.
 
-A reading is scored against the forecast made *before* it arrived: the score is the largest standardised
-residual ``|x - mean| / std`` over channels (a spike on one channel of eight is not averaged away).  The
-threshold adapts per device: ``score_mean + threshold_sigma * score_std`` of the device's own recent
-calm scores, never below ``min_threshold``.  One incident gives one alert:
+**Anomaly likelihood** (after NAB's, with O(1) state per device and residual).  A reading's residual ``r``
+[C] against a forecast (normalised units: the delta forecast, the absolute forecast, or the device's
+normal level) becomes a tail probability in three steps:
 
-* an alert **opens** when the score crosses the threshold (or a channel is stuck, or residuals stay
-  several times larger than usual for a while), the device is past
-  warm-up and not cooling down;
-* it **stays open** until ``exit_after`` consecutive readings are calm: score below ``exit_ratio *
-  threshold`` (hysteresis) *and* back within ``hold_sigma`` of the device's normal level, so a collective
-  anomaly (a valve stuck shut) stays one open alert for as long as it lasts; or until ``max_alert_s``
-  passes (the new level is then accepted as normal);
-* after it closes, no alert opens on that device for ``cooldown_s``;
-* the running statistics do not learn from readings inside an alert, so an incident cannot teach the
-  detector that it is normal (with ``learn_calm_channels``, channels still near their level keep learning).
+* raw surprise ``a = max_c log(1 + r_c^2 / s2_c)``, ``s2_c`` the running mean of ``r_c^2`` (floored at
+  ``S2_FLOOR``): the largest channel, so one abnormal channel of eight is not averaged away; the log keeps
+  quantised or spiky channels from dominating;
+* short mean ``m += SHORT_ALPHA (a - m)`` (about ten readings): a moderate but persistent change (a
+  frequency change, a collective anomaly) adds up where single readings do not stand out;
+* ``p = Q((m - mu) / sqrt(v))``, the Gaussian upper tail of ``m`` against its own long-run mean ``mu`` and
+  variance ``v`` (learning rate ``max(LONG_ALPHA, 1/(n+1))``), times an empirical calibration: ``cal``, the
+  running rate (memory ``1/CAL_ALPHA`` readings) of calm readings with ``p < CAL_P``, divided by
+  ``CAL_P`` (a heavy-tailed device, whose Gaussian tail is too thin, becomes more conservative), capped at 1.
 
-Everything here is vectorised over the rows of one wave (one reading per device).
+The operator combines its likelihoods with a Bonferroni correction, ``p = min(1, k min_k p_k)``, and works in
+``log10 p`` (``torch.special.log_ndtr`` keeps the far tail exact): its score is ``-log10 p``.
+
+**Alerts** (one incident gives one alert): an alert **opens** when ``p < alert_probability`` (or a rule's
+condition holds), the device is past warm-up and commissioning and not cooling down; a reading is **calm**
+when ``p > 100 alert_probability`` and no condition holds; an open alert **closes** after ``exit_after``
+consecutive calm readings, or ``max_alert_events`` readings after it opened (the new state is then accepted
+as normal); after a close no alert opens for ``cooldown_events`` readings.  Statistics learn only from
+readings outside alerts, so an incident cannot teach the detector that it is normal.
+
+Everything here is elementwise over the rows of one wave (one reading per device), channels first.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from liquidstream.operators.config import OperatorSettings
+
+#: Weight of a reading in the short mean of the raw surprise (about 10 readings: NAB likelihood's window).
+SHORT_ALPHA = 0.1
+#: Floor of the long-run learning rate of the likelihood statistics, per reading (about 500 readings).
+LONG_ALPHA = 0.002
+#: Floor of the running squared residual, normalised units squared (1% of the device's spread).
+S2_FLOOR = 1e-4
+#: Calibration: the tail probability whose observed rate is tracked, that rate's memory (readings), and the
+#: smallest calibration factor (a device that never reaches CAL_P keeps some sensitivity).
+CAL_P = 0.01
+CAL_ALPHA = 0.0005
+CAL_FLOOR = 1e-4
+#: A likelihood reports p = 1 until it has learnt from this many readings.
+MIN_READINGS = 10
+#: A reading is calm when p exceeds the alert probability by this factor (hysteresis).
+CALM_RATIO = 100.0
+LOG10_CAL_P = math.log10(CAL_P)
+_LN10 = math.log(10.0)
+
+
+@dataclass
+class Likelihood:
+    """One anomaly likelihood's per-device state in a wave: ``s2`` [C, B] (normalised units squared),
+    ``m``, ``mu``, ``v``, ``cal`` [B] (the fields ``{key}_*`` of the state store)."""
+
+    s2: torch.Tensor
+    m: torch.Tensor
+    mu: torch.Tensor
+    v: torch.Tensor
+    cal: torch.Tensor
+
+    @classmethod
+    def of(cls, field: Callable[[str], torch.Tensor], key: str) -> Likelihood:
+        return cls(*(field(f"{key}_{name}") for name in ("s2", "m", "mu", "v", "cal")))
+
+    def items(self, key: str) -> tuple[tuple[str, torch.Tensor], ...]:
+        """(field name, value) pairs, to write the state back."""
+        return tuple((f"{key}_{name}", getattr(self, name)) for name in ("s2", "m", "mu", "v", "cal"))
+
+
+@dataclass
+class Surprise:
+    """One reading scored by a likelihood (nothing learnt yet)."""
+
+    m: torch.Tensor  # [B] the new short mean
+    q: torch.Tensor  # [C, B] r^2 / s2 per channel (squared standardised residual)
+    log10_p_raw: torch.Tensor  # [B] Gaussian tail, log10, before calibration
+    log10_p: torch.Tensor  # [B] calibrated, log10, <= 0 (0 until MIN_READINGS)
+
+
+def surprise(lik: Likelihood, r: torch.Tensor, n: torch.Tensor, active: torch.Tensor) -> Surprise:
+    """Score residuals ``r`` [C, B] (normalised units); ``n`` [B] readings the likelihood learnt from, ``active``
+    [B] rows whose short mean moves (the others keep theirs: a device still settling).
+
+    >>> lik = Likelihood(torch.ones(1, 2), torch.zeros(2), torch.zeros(2), torch.ones(2), torch.ones(2))
+    >>> out = surprise(lik, torch.tensor([[0.0, 30.0]]), torch.tensor([50, 50]), torch.tensor([True, True]))
+    >>> [round(v, 2) for v in out.log10_p.tolist()]  # m = 0.1 log(901) = 0.68 sd above its mean
+    [-0.3, -0.61]
+    """
+    q = r * r / lik.s2
+    a = torch.log1p(q).amax(dim=0)
+    m = torch.where(n == 0, a, lik.m + SHORT_ALPHA * (a - lik.m))
+    m = torch.where(active, m, lik.m)
+    z = (m - lik.mu) / torch.sqrt(lik.v + 1e-12)
+    raw = torch.special.log_ndtr(-z) / _LN10
+    log10_p = torch.clamp(raw + torch.log10(torch.clamp(lik.cal, min=CAL_FLOOR)), max=0.0)
+    return Surprise(m, q, raw, torch.where(n >= MIN_READINGS, log10_p, 0.0))
+
+
+def learn(lik: Likelihood, r: torch.Tensor, out: Surprise, n: torch.Tensor, mask: torch.Tensor) -> Likelihood:
+    """The state after reading ``r`` [C, B]: every statistic learns where ``mask`` [B] allows it; the short mean
+    moves regardless (it measures the present, alert or not).
+
+    >>> lik = Likelihood(torch.ones(1, 1), torch.zeros(1), torch.zeros(1), torch.ones(1), torch.ones(1))
+    >>> r = torch.tensor([[2.0]])
+    >>> out = surprise(lik, r, torch.tensor([0]), torch.tensor([True]))
+    >>> new = learn(lik, r, out, torch.tensor([0]), torch.tensor([True]))
+    >>> new.s2.item(), round(new.m.item(), 4), round(new.mu.item(), 4), new.v.item()  # the first reading sets all
+    (4.0, 1.6094, 1.6094, 1.0)
+    """
+    al = torch.clamp(1.0 / (n.to(r.dtype) + 1.0), min=LONG_ALPHA)  # exact mean first, then exponential
+    s2 = torch.where(mask, torch.clamp(lik.s2 + al * (r * r - lik.s2), min=S2_FLOOR), lik.s2)
+    d = out.m - lik.mu
+    mu = torch.where(mask, lik.mu + al * d, lik.mu)
+    v = torch.where(mask, torch.where(n == 0, 1.0, (1.0 - al) * (lik.v + al * d * d)), lik.v)
+    hit = (out.log10_p_raw < LOG10_CAL_P).to(r.dtype) / CAL_P
+    ac = torch.clamp(1.0 / (n.to(r.dtype) + 1.0), min=CAL_ALPHA)
+    cal = torch.where(mask & (n >= MIN_READINGS), lik.cal + ac * (hit - lik.cal), lik.cal)
+    return Likelihood(s2, out.m, mu, v, cal)
 
 
 @dataclass
@@ -33,8 +132,8 @@ class AlertState:
     """Per-row alert fields of one wave (views gathered from the state store)."""
 
     open: torch.Tensor  # bool [B]
-    since_ms: torch.Tensor  # int64 [B], event time the open alert began
-    cooldown_ms: torch.Tensor  # int64 [B], no alert opens before this event time
+    age: torch.Tensor  # int32 [B], readings since the open alert opened
+    cooldown: torch.Tensor  # int32 [B], readings during which no alert opens
     calm: torch.Tensor  # int32 [B], consecutive calm readings while open
 
 
@@ -54,66 +153,52 @@ class AlertStep:
 
 
 class AnomalyScorer:
-    """Scores readings and runs the alert state machine.
+    """Runs the alert state machine on combined tail probabilities (``log10 p``).
 
-    >>> scorer = AnomalyScorer(OperatorSettings(min_threshold=3.0, exit_after=2, cooldown_s=10.0))
-    >>> score, _ = scorer.score(torch.tensor([[0.0, 5.0]]), torch.zeros(1, 2), torch.ones(1, 2))
-    >>> score.tolist()
-    [5.0]
-    >>> state = AlertState(torch.tensor([False]), torch.zeros(1, dtype=torch.long),
-    ...                    torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.int32))
-    >>> thr = torch.tensor([3.0])
+    >>> scorer = AnomalyScorer(OperatorSettings(alert_probability=1e-3, exit_after=2, cooldown_events=3))
+    >>> scorer.threshold
+    3.0
+    >>> state = AlertState(torch.tensor([False]), *(torch.zeros(1, dtype=torch.int32) for _ in range(3)))
     >>> events = []
-    >>> for t, s in enumerate([1.0, 9.0, 8.0, 1.0, 1.0, 9.0]):
-    ...     step = scorer.step(state, torch.tensor([s]), thr, torch.tensor([False]),
-    ...                        torch.tensor([t * 1000]), warm=torch.tensor([True]))
+    >>> for lp in [-1.0, -5.0, -4.0, -0.5, -0.2, -6.0, -0.1, -0.1, -6.0]:
+    ...     step = scorer.step(state, torch.tensor([lp]), torch.tensor([False]), warm=torch.tensor([True]))
     ...     state = step.state
     ...     events.append((int(step.opened), int(step.in_alert)))
-    >>> events  # one alert for the 9, 8 burst; closed after 2 calm readings; the last 9 is in cooldown
-    [(0, 0), (1, 1), (0, 1), (0, 1), (0, 0), (0, 0)]
+    >>> events  # one alert for the burst; closed after 2 calm readings; 3 readings of cooldown, then a new one
+    [(0, 0), (1, 1), (0, 1), (0, 1), (0, 0), (0, 0), (0, 0), (0, 0), (1, 1)]
     """
 
     def __init__(self, settings: OperatorSettings) -> None:
         self.settings = settings
+        #: The score at and above which an alert opens: -log10(alert_probability), decades of tail probability.
+        self.threshold = -math.log10(settings.alert_probability)
+        self._log10_calm = math.log10(CALM_RATIO * settings.alert_probability)
 
-    def score(self, x_z: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-              channel_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Score [B] and per-channel |standardised residual| [B, C] of normalised readings ``x_z``
-        (``channel_dim=0``: inputs and residuals [C, B], channels first)."""
-        z = ((x_z - mean) / std).abs()
-        return z.amax(dim=channel_dim), z
+    def step(self, state: AlertState, log10_p: torch.Tensor, condition: torch.Tensor,
+             warm: torch.Tensor) -> AlertStep:
+        """Advance the state machine by one reading per row; NaN (first readings) never triggers nor calms.
 
-    def threshold(self, score_mean: torch.Tensor, score_var: torch.Tensor) -> torch.Tensor:
-        s = self.settings
-        adaptive = score_mean + s.threshold_sigma * torch.sqrt(torch.clamp(score_var, min=0.0))
-        return torch.clamp(adaptive, min=s.min_threshold)
-
-    def step(self, state: AlertState, score: torch.Tensor, threshold: torch.Tensor, condition: torch.Tensor,
-             ts_ms: torch.Tensor, warm: torch.Tensor, hold: torch.Tensor | None = None) -> AlertStep:
-        """Advance the state machine by one reading per row; NaN scores (first readings) never trigger.
-
-        ``condition`` [B] bool: an abnormal condition that triggers whatever the score (a stuck channel, a
-        sustained deviation) and keeps an open alert from calming down; ``hold`` [B] bool only keeps an
-        open alert from calming down (the reading is still away from the device's normal level).
+        ``log10_p`` [B]: the combined tail probability; ``condition`` [B] bool: a rule that triggers whatever
+        the probability (a stuck channel) and keeps an open alert from calming down; ``warm`` [B] bool: the
+        device may open alerts (past warm-up and commissioning).
         """
         s = self.settings
-        trigger = (score > threshold) | condition
-        opened = trigger & ~state.open & warm & (ts_ms >= state.cooldown_ms)
+        trigger = (log10_p < -self.threshold) | condition
+        opened = trigger & ~state.open & warm & (state.cooldown <= 0)
         is_open = state.open | opened
-        since = torch.where(opened, ts_ms, state.since_ms)
-        calm_now = (score < s.exit_ratio * threshold) & ~condition
-        if hold is not None:
-            calm_now = calm_now & ~hold
-        calm = torch.where(is_open & calm_now & ~opened, state.calm + 1, torch.zeros_like(state.calm))
-        expired = ts_ms - since > int(s.max_alert_s * 1000)
-        closing = is_open & ~opened & ((calm >= s.exit_after) | expired)
+        calm_now = (log10_p > self._log10_calm) & ~condition
+        zero = torch.zeros_like(state.calm)
+        calm = torch.where(is_open & calm_now & ~opened, state.calm + 1, zero)
+        age = torch.where(is_open & ~opened, state.age + 1, zero)
+        closing = is_open & ~opened & ((calm >= s.exit_after) | (age >= s.max_alert_events))
         still_open = is_open & ~closing
-        cooldown = torch.where(closing, ts_ms + int(s.cooldown_s * 1000), state.cooldown_ms)
-        calm = torch.where(closing, torch.zeros_like(calm), calm)
-        new_state = AlertState(still_open, since, cooldown, calm)
+        cooldown = torch.where(closing, s.cooldown_events, torch.clamp(state.cooldown - 1, min=0))
+        new_state = AlertState(still_open, torch.where(closing, zero, age), cooldown.to(state.cooldown.dtype),
+                               torch.where(closing, zero, calm))
         return AlertStep(new_state, opened, still_open, learn=~is_open)
 
     @staticmethod
     def severity(score: float, threshold: float) -> str:
-        """``critical`` when the score is at least twice the threshold, else ``warning``."""
+        """``critical`` when the score is at least twice the threshold (p below alert_probability squared),
+        else ``warning``."""
         return "critical" if score >= 2.0 * threshold else "warning"

@@ -81,7 +81,7 @@ def initial_state(model: Forecaster, batch: int, device: torch.device) -> State:
 
 def rollout_terms(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, state: State,
                   stats_alpha: float, learn: torch.Tensor | None = None, frozen: torch.Tensor | None = None,
-                  beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
+                  beta: float = 0.0, absolute: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
     """Per-row sums [B] of Gaussian NLL and squared error (normalised units) over a window, and term counts.
 
     ``mask`` [B, T] says which steps hold a reading (False on padding: the step is skipped entirely).
@@ -90,6 +90,9 @@ def rollout_terms(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mas
     the running statistics unchanged, as the operator freezes them inside an alert (a device's first reading
     always initialises them).  ``beta`` > 0 weights each NLL term by its detached ``std ** (2 beta)``
     (beta-NLL, Seitzer et al. 2022: at ``beta = 1`` the mean's gradient is the squared error's).
+    ``absolute`` (training): when the model has an absolute head, both sums also include that head's squared
+    error (normalised units, mean over channels), so one loss trains the delta and the absolute forecasts
+    jointly; off, the sums are the delta forecast's alone (what evaluation reports).
 
     >>> model = Forecaster(n_channels=1, hidden_size=4, cell="liquid")
     >>> v, d = torch.randn(2, 12, 1), torch.ones(2, 12)
@@ -105,7 +108,7 @@ def rollout_terms(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mas
     terms = values.new_zeros(values.shape[0])
     for t in range(values.shape[1]):
         x, d, m, lrn = values[:, t], dt[:, t], mask[:, t], learn[:, t]
-        mu, sd = model.forecast(h, normalise(x_last, mean, var), d)
+        mu, sd, ab = model.forecast_all(h, normalise(x_last, mean, var), d)
         use = (lrn & (count >= MIN_HISTORY)).to(values.dtype)
         target = normalise(x, mean, var)
         # float32 sums even when autocast made the head run in bf16
@@ -114,6 +117,9 @@ def rollout_terms(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mas
             nll_el = nll_el * sd.float().detach() ** (2.0 * beta)
         nll_rows = nll_rows + nll_el.mean(1) * use
         se_rows = se_rows + ((target - mu.float()) ** 2).mean(1) * use
+        if absolute and ab is not None:
+            se_abs = ((target - ab.float()) ** 2).mean(1) * use
+            nll_rows, se_rows = nll_rows + se_abs, se_rows + se_abs
         terms = terms + use
         with torch.no_grad():
             new_mean, new_var = update_stats(mean, var, count, x, stats_alpha)
@@ -128,19 +134,22 @@ def rollout_terms(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mas
 
 def rollout_loss(model: Forecaster, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor, state: State,
                  stats_alpha: float, learn: torch.Tensor | None = None, frozen: torch.Tensor | None = None,
-                 beta: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
+                 beta: float = 0.0, absolute: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, State]:
     """Sum of Gaussian NLL (beta-weighted as in :func:`rollout_terms`) and squared error (normalised units)
-    over a window, and the term count."""
-    nll, se, terms, new_state = rollout_terms(model, values, dt, mask, state, stats_alpha, learn, frozen, beta)
+    over a window, and the term count (``absolute``: as in :func:`rollout_terms`)."""
+    nll, se, terms, new_state = rollout_terms(model, values, dt, mask, state, stats_alpha, learn, frozen, beta,
+                                              absolute)
     return nll.sum(), se.sum(), terms.sum(), new_state
 
 
 class Trainer:
     """Truncated-BPTT trainer over many devices at once.
 
-    The loss is the Gaussian NLL of the one-step forecast.  Under it the forecast mean learns slowly where
-    the spread is wide (its gradient is divided by the variance), so two options speed the mean up:
-    ``mean_warmup`` epochs of :meth:`fit` first train on squared error / 2 alone (the spread is untouched,
+    The loss is the Gaussian NLL of the one-step (delta) forecast plus, for a model with an absolute head,
+    that head's squared error (normalised units): both forecasts train jointly.  Under the NLL the forecast
+    mean learns slowly where the spread is wide (its gradient is divided by the variance), so two options
+    speed the mean up: ``mean_warmup`` epochs of :meth:`fit` first train on squared error / 2 alone (the
+    spread is untouched,
     the mean gets the gradient NLL gives it at unit spread), and ``beta`` > 0 trains on beta-NLL (see
     :func:`rollout_terms`).  Both default off (docs/evaluation.md, section 2, has the evidence); the online
     learner calls :meth:`train_step` directly, so ``mean_warmup`` never applies to it.  :meth:`evaluate`
@@ -177,12 +186,13 @@ class Trainer:
 
         The one training step of the project: ``liquidstream train`` (offline, via :meth:`fit`) and the
         online learner (:mod:`liquidstream.operators.online.learner`) both call it.  ``learn`` and ``frozen`` are as in
-        :func:`rollout_terms`.  The loss is the (beta-)NLL, or squared error / 2 if ``mean_only``.
+        :func:`rollout_terms`.  The loss is the (beta-)NLL, or squared error / 2 if ``mean_only``; either way
+        including the absolute head's squared error (see ``absolute`` in :func:`rollout_terms`).
         """
         self.model.train()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp):
             nll, se, terms, new_state = rollout_loss(self.model, values, dt, mask, state, self.stats_alpha, learn,
-                                                     frozen, self.beta)
+                                                     frozen, self.beta, absolute=True)
         loss = (0.5 * se if mean_only else nll) / torch.clamp(terms, min=1.0)
         self.optimizer.zero_grad(set_to_none=True)
         if terms.item() > 0:

@@ -26,7 +26,9 @@ import numpy as np
 from liquidstream.operators.errors import StateFormatError
 
 MAGIC = b"LSSTATE\0"
-FORMAT_VERSION = 1
+#: 2: the anomaly-likelihood detector's fields (``d_*``, ``a_*``, ``lik_n``, ``commissioning``, ``alert_age``,
+#: ``cooldown``) replaced the adaptive-threshold ones; a version 1 snapshot is refused, not misread.
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<8sHI")
 
 

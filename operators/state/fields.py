@@ -9,14 +9,21 @@ field               dtype / shape    meaning
 ``h``               float32 [H]      hidden state of the cell
 ``x_last``          float32 [C]      last applied reading, raw units
 ``mean``, ``var``   float32 [C]      running per-channel normalisation of this device (raw units)
-``score_mean/var``  float32          running statistics of the device's anomaly score
 ``gap_ema``         float32          smoothed gap between readings, seconds (the forecast horizon)
-``z2_fast``         float32          short running mean of squared calibrated residuals (sustained deviation)
 ``calib``           float32 [C]      long running mean of squared standardised residuals per channel: the
                                      device's own calibration of the model's predicted variance
+``{k}_s2``          float32 [C]      anomaly likelihood of residual ``k`` (``d`` delta forecast, ``a``
+                                     absolute forecast; ``l`` normal level, only with ``rule_triggers``):
+                                     running mean of the squared residual, normalised units squared
+``{k}_m``           float32          short running mean of the raw surprise ``max_c log1p(r^2 / s2)``
+``{k}_mu``, ``{k}_v`` float32        long-run mean and variance of ``{k}_m``
+``{k}_cal``         float32          empirical calibration: running rate of calm readings with a tail
+                                     probability below 0.01, divided by 0.01 (1 = the Gaussian tail is right)
+``lik_n``           int32            readings the likelihoods have learnt from (their learning rate)
+``commissioning``   int32            this device's commissioning length in readings (-1: the setting's)
 ``alert_open``      bool             an alert is open on this device
-``alert_since_ms``  int64            event time the open alert began, epoch ms
-``cooldown_ms``     int64            no new alert before this event time, epoch ms
+``alert_age``       int32            readings since the open alert opened
+``cooldown``        int32            readings during which no new alert opens
 ``calm``            int32            consecutive calm readings while an alert is open (hysteresis)
 ``stuck``           int16 [C]        consecutive exactly-repeated values per channel
 ``last_ts_ms``      int64 (host)     event time of the last applied reading, epoch ms
@@ -35,7 +42,20 @@ import functools
 import numpy as np
 import torch
 
-__all__ = ["GROWTH", "HOST_FIELDS", "ONE_FIELDS", "TORCH_FIELDS", "return_freed_memory"]
+__all__ = ["GROWTH", "HOST_FIELDS", "LEVEL_FIELDS", "NEUTRAL", "TORCH_FIELDS", "likelihood_fields",
+           "return_freed_memory"]
+
+
+
+def likelihood_fields(key: str) -> tuple[tuple[str, torch.dtype, str], ...]:
+    """The state of one anomaly likelihood (see :mod:`liquidstream.operators.scoring`), fields ``{key}_*``.
+
+    >>> [name for name, _, _ in likelihood_fields("d")]
+    ['d_s2', 'd_m', 'd_mu', 'd_v', 'd_cal']
+    """
+    return ((f"{key}_s2", torch.float32, "C"), (f"{key}_m", torch.float32, ""), (f"{key}_mu", torch.float32, ""),
+            (f"{key}_v", torch.float32, ""), (f"{key}_cal", torch.float32, ""))
+
 
 TORCH_FIELDS: tuple[tuple[str, torch.dtype, str], ...] = (
     # (name, dtype, shape kind: "H" hidden, "C" channels, "" scalar)
@@ -43,19 +63,24 @@ TORCH_FIELDS: tuple[tuple[str, torch.dtype, str], ...] = (
     ("x_last", torch.float32, "C"),
     ("mean", torch.float32, "C"),
     ("var", torch.float32, "C"),
-    ("score_mean", torch.float32, ""),
-    ("score_var", torch.float32, ""),
     ("gap_ema", torch.float32, ""),
-    ("z2_fast", torch.float32, ""),
     ("calib", torch.float32, "C"),
+    *likelihood_fields("d"),
+    *likelihood_fields("a"),
+    ("lik_n", torch.int32, ""),
+    ("commissioning", torch.int32, ""),
     ("alert_open", torch.bool, ""),
-    ("alert_since_ms", torch.int64, ""),
-    ("cooldown_ms", torch.int64, ""),
+    ("alert_age", torch.int32, ""),
+    ("cooldown", torch.int32, ""),
     ("calm", torch.int32, ""),
     ("stuck", torch.int16, "C"),
 )
-#: Fields whose neutral value is 1 (variances and residual energies), so nothing divides by zero.
-ONE_FIELDS = frozenset({"var", "z2_fast", "calib"})
+#: The level likelihood's state: only with ``OperatorSettings.rule_triggers`` (an extra field set of the store).
+LEVEL_FIELDS = likelihood_fields("l")
+#: Neutral value of each field of a device never seen, where it is not 0: variances, residual energies and
+#: calibration ratios start at 1 (nothing divides by zero); ``commissioning`` -1 means "the setting's length".
+NEUTRAL: dict[str, int] = {"var": 1, "calib": 1, "commissioning": -1} | {
+    f"{k}_{f}": 1 for k in ("d", "a", "l") for f in ("s2", "v", "cal")}
 HOST_FIELDS: tuple[tuple[str, type[np.generic]], ...] = (("last_ts_ms", np.int64), ("count", np.int32))
 #: Capacity grows by this factor (at least): 1.125 keeps the unused tail small (1/16 of the rows on
 #: average) at the price of more, still amortised O(1), copies while devices arrive.

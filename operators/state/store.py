@@ -14,7 +14,7 @@ import torch
 
 from liquidstream.operators.state.codec import decode_snapshot, encode_snapshot
 from liquidstream.operators.state.device_index import DeviceIndex
-from liquidstream.operators.state.fields import GROWTH, HOST_FIELDS, ONE_FIELDS, TORCH_FIELDS, return_freed_memory
+from liquidstream.operators.state.fields import GROWTH, HOST_FIELDS, NEUTRAL, TORCH_FIELDS, return_freed_memory
 
 #: On the CPU, blocks at least this many columns wide are scattered by numpy's row assignment: half the time
 #: of ``index_copy_`` for the float32 block (100 columns, 10,000 rows); narrower blocks are faster in torch.
@@ -52,7 +52,7 @@ class DeviceStateStore:
         self.blocks: dict[torch.dtype, torch.Tensor] = {}
         self.columns: dict[str, tuple[int, int]] = {}  # field -> (start, stop) column in its dtype's block
         widths: dict[torch.dtype, int] = {}
-        # Fields an operator option needs (e.g. liquidstream.operators.smoothed_level) join the blocks, the snapshots
+        # Fields an operator option needs (the level likelihood's, with rule_triggers) join the blocks, the snapshots
         # and their layout check; zero-initialised.  Without options the layout is exactly TORCH_FIELDS.
         self._fields = TORCH_FIELDS + tuple(extra_fields)
         self._kind = {name: (dtype, kind) for name, dtype, kind in self._fields}
@@ -103,8 +103,9 @@ class DeviceStateStore:
         idx = torch.as_tensor(rows, device=self.device)
         for block in self.blocks.values():
             block.index_fill_(0, idx, 0)
-        for name in ONE_FIELDS:
-            self.tensors[name][idx] = 1
+        for name, value in NEUTRAL.items():
+            if name in self.tensors:
+                self.tensors[name][idx] = value
         for hname, _ in HOST_FIELDS:
             self.host[hname][rows] = 0
 

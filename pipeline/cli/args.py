@@ -15,8 +15,8 @@ from typing import Any
 
 from liquidstream.pipeline.settings import Settings
 
-__all__ = ["Command", "Handler", "device_flag", "kafka_flags", "model_flags", "non_negative_float", "port",
-           "positive_int"]
+__all__ = ["Command", "Handler", "device_flag", "kafka_flags", "model_flags", "non_negative_float", "non_negative_int",
+           "port", "positive_int"]
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 #: ``(name, register)``: ``register(subparsers)`` adds the sub-command and returns its handler.
@@ -27,6 +27,14 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         msg = f"must be >= 1, got {value}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        msg = f"must be >= 0, got {value}"
         raise argparse.ArgumentTypeError(msg)
     return value
 

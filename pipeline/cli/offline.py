@@ -8,12 +8,13 @@ command runs, not by ``--help``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from liquidstream.pipeline.cli.args import Command, Handler, model_flags, positive_int
+from liquidstream.pipeline.cli.args import Command, Handler, model_flags, non_negative_int, positive_int
 from liquidstream.pipeline.settings import Settings
 
 __all__ = ["COMMANDS"]
@@ -33,6 +34,9 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from liquidstream.pipeline.offline.replay import ReplayConfig, run_replay
 
+    if args.commissioning is not None:
+        operator = dataclasses.replace(settings.operator, commissioning_events=args.commissioning)
+        settings = settings.model_copy(update={"operator": operator})
     cfg = ReplayConfig(model=Path(args.model) if args.model else None, train_fraction=args.train_fraction,
                        epochs=args.epochs, cell=args.cell, hidden_size=args.hidden_size)
     summary = run_replay(settings, Path(args.input), Path(args.out), cfg, show=not args.quiet)
@@ -61,14 +65,23 @@ def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         if args.json:
             print(json.dumps(irr))
         return 0
-    from liquidstream.pipeline.eval.skab_eval import evaluate_skab, format_table
-
     if not args.data_dir:
-        print("liquidstream evaluate skab: --data-dir is required (SKAB's data/ folder)", file=sys.stderr)
+        folder = "SKAB's data/ folder" if args.benchmark == "skab" else "NAB's folder (data/, labels/, config/)"
+        print(f"liquidstream evaluate {args.benchmark}: --data-dir is required ({folder})", file=sys.stderr)
         return 2
-    report = evaluate_skab(settings, Path(args.data_dir), epochs=args.epochs or 20, cell=args.cell,
-                           hidden_size=args.hidden_size, peers=not args.no_peers, profile=args.profile)
-    print(format_table(report))
+    report: dict[str, Any]
+    if args.benchmark == "nab":
+        from liquidstream.pipeline.eval.nab_eval import evaluate_nab, format_nab
+
+        report = evaluate_nab(settings, Path(args.data_dir), epochs=args.epochs or 20, cell=args.cell,
+                              hidden_size=args.hidden_size, ablations=not args.no_ablations)
+        print(format_nab(report))
+    else:
+        from liquidstream.pipeline.eval.skab_eval import evaluate_skab, format_table
+
+        report = evaluate_skab(settings, Path(args.data_dir), epochs=args.epochs or 20, cell=args.cell,
+                               hidden_size=args.hidden_size, peers=not args.no_peers, ablations=not args.no_ablations)
+        print(format_table(report))
     if args.json:
         print(json.dumps(report))
     return 0
@@ -89,7 +102,13 @@ def register_replay(sub: Any) -> Handler:
     p.add_argument("--input", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None)
-    p.add_argument("--train-fraction", type=float, default=0.0)
+    p.add_argument("--train-fraction", type=float, default=0.0,
+                   help="train a model on the first fraction of each device's readings (by event time); those "
+                        "readings are then the device's commissioning data")
+    p.add_argument("--commissioning", type=non_negative_int, default=None, metavar="N",
+                   help="the first N readings of every device are normal commissioning data: no alert opens "
+                        "during them and the device's statistics learn from all of them "
+                        "(LIQUIDSTREAM_OPERATOR__COMMISSIONING_EVENTS; --train-fraction sets it per device)")
     model_flags(p, epochs=8)
     return _cmd_replay
 
@@ -103,15 +122,16 @@ def register_train(sub: Any) -> Handler:
 
 
 def register_evaluate(sub: Any) -> Handler:
-    p = sub.add_parser("evaluate", help="accuracy: SKAB next to published baselines, or the irregular-sampling "
-                                        "study (docs/evaluation.md)")
-    p.add_argument("benchmark", choices=["skab", "irregular"])
-    p.add_argument("--data-dir", default=None, help="skab: SKAB's data/ folder (e.g. ../shared/data/skab/data)")
-    p.add_argument("--json", action="store_true", help="end with one JSON line (skab: holding f1, far, mar)")
+    p = sub.add_parser("evaluate", help="accuracy: NAB or SKAB next to published detectors, or the "
+                                        "irregular-sampling study (docs/evaluation.md)")
+    p.add_argument("benchmark", choices=["nab", "skab", "irregular"])
+    p.add_argument("--data-dir", default=None, help="nab: NAB's folder (e.g. ../shared/data/nab); skab: SKAB's data/ "
+                                                    "folder (e.g. ../shared/data/skab/data)")
+    p.add_argument("--json", action="store_true",
+                   help="end with one JSON line (nab: standard, reward_low_fp, reward_low_fn, ablations ...; "
+                        "skab: f1, far, mar, ablations ...)")
     p.add_argument("--no-peers", action="store_true", help="skip the River peers")
-    p.add_argument("--profile", choices=["skab", "settings"], default="skab",
-                   help="skab: operator settings of liquidstream.pipeline.eval.skab_eval.SKAB_PROFILE on top of "
-                        "LIQUIDSTREAM_OPERATOR__*")
+    p.add_argument("--no-ablations", action="store_true", help="nab, skab: run the defaults only")
     p.add_argument("--seeds", type=int, default=2, help="irregular: seeds per model")
     p.add_argument("--objective", choices=["mse", "nll", "beta-nll"], default="mse",
                    help="irregular: train the mean only (mse, unit spread), mean and spread (nll, production) "

@@ -3,11 +3,11 @@ those parts, the lockstep stream through the operator, and the ablations that sh
 
 Every benchmark file is one device.  The first ``commissioning`` readings of each device are its commissioning
 data (assumed normal, labels unused): the forecaster trains on them, pooled over devices, and the operator is
-told the same length (:attr:`~liquidstream.operators.config.OperatorSettings.commissioning_events`), exactly as a
-user would set it for their own fleet.  All devices then stream through one
-:class:`~liquidstream.operators.operator.LiquidOperator` in chunks of :data:`CHUNK` readings per device: the
-operator applies a device's readings one at a time in event-time order, each scored against the forecast made
-before it, so a chunk looks no further ahead than a worker's batch does.
+told each device's length (:meth:`~liquidstream.operators.operator.LiquidOperator.set_commissioning`, the
+per-device form of the ``commissioning_events`` setting), as a user would for their own fleet.  All devices then
+stream through one :class:`~liquidstream.operators.operator.LiquidOperator` in chunks of :data:`CHUNK` readings
+per device: the operator applies a device's readings one at a time in event-time order, each scored against the
+forecast made before it, so a chunk looks no further ahead than a worker's batch does.
 
 Ablations, each a full run on the same data with the same operator defaults:
 
@@ -121,7 +121,7 @@ def run_ablations(devices: Sequence[Device], base: OperatorSettings, *, cell: st
                   device: str, names: Sequence[str] = tuple(ABLATIONS), seed: int = 0,
                   ) -> tuple[dict[str, Streamed], dict[str, float]]:
     """Each named ablation's stream, and the forecast MSE of every model served (and of persistence)."""
-    settings = dataclasses.replace(base, commissioning_events=max(d.commissioning for d in devices))
+    settings = base
     models: dict[str, Forecaster] = {}
 
     def model(kind: str) -> Forecaster:
@@ -140,6 +140,7 @@ def run_ablations(devices: Sequence[Device], base: OperatorSettings, *, cell: st
     for name in names:
         kind, adjust = ABLATIONS[name]
         op = LiquidOperator(model(kind), adjust(settings), device=device, model_version=f"{name}-{kind}")
+        op.set_commissioning([d.name for d in devices], [d.commissioning for d in devices])
         runs[name] = stream(op, devices)
         label = cell if kind == "trained" else kind
         mse.setdefault(label, forecast_mse(devices, runs[name].forecast))

@@ -30,7 +30,7 @@ from liquidstream.pipeline.wire.records import alert_records, prediction_records
 class DemoConfig:
     devices: int = 200
     duration_s: float = 1800.0  # simulated seconds per device
-    train_s: float = 600.0  # the first train_s seconds (incident-free) train the model; the rest is streamed
+    train_s: float = 600.0  # the first train_s seconds (incident-free): training data and commissioning
     channels: int = 4
     anomaly_rate: float = 3.0  # incidents per device per hour
     seed: int = 7
@@ -66,10 +66,13 @@ def run_demo(settings: Settings, out_dir: Path, cfg: DemoConfig | None = None, *
     version = save_model(model, out_dir / "model.pt", {"trained_on": "demo simulator", "seed": cfg.seed,
                                                        "stats_alpha": settings.operator.stats_alpha})
     op = LiquidOperator(model, settings.operator, device=settings.torch_device(), model_version=version)
+    # The training part is each device's commissioning data (normal by construction): the devices stream it
+    # first, so the operator learns their normal behaviour from it, exactly as a commissioned device would.
+    commissioned, counts = np.unique(train_stream.device_ids, return_counts=True)
+    op.set_commissioning(commissioned.tolist(), counts.tolist())
 
-    rest = ~train_part
-    ids = sim.device_ids[rest].tolist()
-    ts, vals = sim.ts_ms[rest], sim.values[rest]
+    ids = sim.device_ids.tolist()
+    ts, vals = sim.ts_ms, sim.values
     batch = settings.batch_max_messages
     forecasts = np.full(vals.shape, np.nan, np.float32)
     stds = np.full(vals.shape, np.nan, np.float32)

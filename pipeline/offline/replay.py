@@ -100,6 +100,7 @@ def run_replay(settings: Settings, input_path: Path, out_dir: Path, cfg: ReplayC
         model, doc = load_model(cfg.model)
         version = str(doc["version"])
     batch, c = read_jsonl(input_path, settings, model.n_channels if model else None)
+    part = np.zeros(len(batch), bool)
     if model is None:
         if cfg.train_fraction > 0:
             part = _train_part(batch, cfg.train_fraction)
@@ -113,6 +114,10 @@ def run_replay(settings: Settings, input_path: Path, out_dir: Path, cfg: ReplayC
             torch.manual_seed(0)
             model = Forecaster(n_channels=c, hidden_size=cfg.hidden_size, cell=cfg.cell)  # persistence at init
     op = LiquidOperator(model, settings.operator, device=settings.torch_device(), model_version=version)
+    if cfg.train_fraction > 0 and cfg.model is None:
+        # The readings a device's model trained on are that device's commissioning data (assumed normal).
+        trained, counts = np.unique(np.asarray(batch.device_ids, dtype=object)[part], return_counts=True)
+        op.set_commissioning([str(d) for d in trained], counts.tolist())
     invalid = [{"line": r.index + 1, "reason": str(r.reason), "detail": r.detail} for r in batch.rejects]
     n_pred = n_alerts = 0
     step = settings.batch_max_messages

@@ -53,14 +53,14 @@ def prediction_records(device_ids: Sequence[str], result: StepResult, model_vers
     columns = zip(applied.tolist(), result.ts_ms[applied].tolist(), result.forecast[applied].tolist(),
                   result.forecast_std[applied].tolist(), result.forecast_ts_ms[applied].tolist(),
                   result.horizon_s[applied].tolist(), _floats_or_none(result.score[applied]),
-                  _floats_or_none(result.threshold[applied]), result.is_alert[applied].tolist(), labels.tolist(),
-                  strict=True)
+                  _floats_or_none(result.anomaly_score[applied]), _floats_or_none(result.threshold[applied]),
+                  result.is_alert[applied].tolist(), labels.tolist(), strict=True)
     out = []
-    for i, ts, forecast, std, fts, horizon, score, thr, is_alert, status in columns:
+    for i, ts, forecast, std, fts, horizon, score, anomaly, thr, is_alert, status in columns:
         rec: dict[str, Any] = {
             "device_id": device_ids[i], "ts": ts, "forecast": forecast, "forecast_std": std, "forecast_ts": fts,
-            "horizon_s": horizon, "score": score, "threshold": thr, "is_alert": is_alert, "status": status,
-            "model_version": model_version,
+            "horizon_s": horizon, "score": score, "anomaly_score": anomaly, "threshold": thr, "is_alert": is_alert,
+            "status": status, "model_version": model_version,
         }
         if sources is not None:
             topic, partition, offset = sources[i]
@@ -79,7 +79,7 @@ def _json_numbers(values: np.ndarray) -> list[bytes]:
 
 
 _PREDICTION = (b'{"device_id":%b,"ts":%d,"forecast":[%b],"forecast_std":[%b],"forecast_ts":%d,"horizon_s":%b,'
-               b'"score":%b,"threshold":%b,"is_alert":%b,"status":"%b","model_version":%b')
+               b'"score":%b,"anomaly_score":%b,"threshold":%b,"is_alert":%b,"status":"%b","model_version":%b')
 _SOURCE = b',"source":{"topic":%b,"partition":%d,"offset":%d}}'
 _WITH_SOURCE = _PREDICTION + _SOURCE  # one formatting per record, not a format and a concatenation
 
@@ -110,11 +110,11 @@ def encode_predictions(device_ids: Sequence[str], result: StepResult, model_vers
     topics: dict[str, bytes] = {}
     columns = zip(applied.tolist(), result.ts_ms[applied].tolist(), _json_numbers(forecast), _json_numbers(std),
                   result.forecast_ts_ms[applied].tolist(), _json_numbers(horizon),
-                  _json_numbers(result.score[applied]), _json_numbers(result.threshold[applied]),
-                  result.is_alert[applied].tolist(), [label.encode() for label in labels.tolist()], finite,
-                  strict=True)
+                  _json_numbers(result.score[applied]), _json_numbers(result.anomaly_score[applied]),
+                  _json_numbers(result.threshold[applied]), result.is_alert[applied].tolist(),
+                  [label.encode() for label in labels.tolist()], finite, strict=True)
     out: list[tuple[int, bytes | None]] = []
-    for i, ts, fc, sd, fts, hz, score, thr, is_alert, status, ok in columns:
+    for i, ts, fc, sd, fts, hz, score, anomaly, thr, is_alert, status, ok in columns:
         if not ok:
             out.append((i, None))
             continue
@@ -128,14 +128,15 @@ def encode_predictions(device_ids: Sequence[str], result: StepResult, model_vers
                 continue
         alert = b"true" if is_alert else b"false"
         if sources is None:
-            out.append((i, _PREDICTION % (did, ts, fc, sd, fts, hz, score, thr, alert, status, version) + b"}"))
+            out.append((i, _PREDICTION % (did, ts, fc, sd, fts, hz, score, anomaly, thr, alert, status, version)
+                        + b"}"))
             continue
         topic, partition, offset = sources[i]
         tj = topics.get(topic)
         if tj is None:
             tj = topics[topic] = orjson.dumps(topic)
-        out.append((i, _WITH_SOURCE % (did, ts, fc, sd, fts, hz, score, thr, alert, status, version, tj, partition,
-                                       offset)))
+        out.append((i, _WITH_SOURCE % (did, ts, fc, sd, fts, hz, score, anomaly, thr, alert, status, version, tj,
+                                       partition, offset)))
     return out
 
 

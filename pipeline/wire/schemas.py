@@ -160,11 +160,18 @@ class PredictionRecord(BaseModel):
     forecast_std: list[FiniteFloat] = Field(description="Predictive standard deviation per channel.")
     forecast_ts: int = Field(description="Epoch ms the forecast is for: the device's expected next reading.")
     horizon_s: FiniteFloat = Field(ge=0, description="forecast_ts - ts, seconds.")
-    score: FiniteFloat | None = Field(description="Anomaly score of this reading; null for the first.")
-    threshold: FiniteFloat | None = Field(description="The device's alert threshold when scored.")
-    is_alert: bool
-    status: str = Field(min_length=1, description='"ok", "first", "duplicate_accepted", "late_accepted", '
-                                                  '"gap_reset", ...')
+    score: FiniteFloat | None = Field(description="Surprise of this reading in decades: -log10 of the calibrated tail "
+                                                  "probability of its forecast residuals on this device; null for "
+                                                  "the device's first reading.")
+    anomaly_score: FiniteFloat | None = Field(
+        ge=0.0, le=1.0, description="How unusual this reading is for this device, in [0, 1]: score / (score + 10) "
+                                    "(0.5 at a tail probability of 1e-10); null for the device's first reading.")
+    threshold: FiniteFloat | None = Field(description="score at which an alert opens on this device: "
+                                                      "-log10(alert_probability).")
+    is_alert: bool = Field(description="An alert is open on the device right after this reading.")
+    status: str = Field(min_length=1, description='What the operator did with the reading: "ok", "first", '
+                                                  '"duplicate_accepted", "late_accepted", each with "+long_gap" '
+                                                  "when the gap before it exceeded max_gap_s.")
     model_version: str
     source: Source
 

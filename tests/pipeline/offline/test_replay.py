@@ -76,3 +76,26 @@ def test_file_without_any_reading_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="no line"):
         run_replay(Settings(), _write(tmp_path / "x.jsonl", ["garbage", "[]"]), tmp_path / "o", ReplayConfig(),
                    show=False)
+
+
+def test_commissioning_readings_never_alert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--commissioning N``: a device's first N readings are normal by declaration, however odd they look; the
+    same oddity after them opens an alert.  ``--train-fraction`` sets it per device to its training part."""
+    from liquidstream.pipeline.cli.entry import main
+
+    values = [[1.0 + 0.01 * (k % 5), 2.0] for k in range(300)]
+    for k in (60, 250):  # one wild reading inside commissioning, one after it
+        values[k] = [90.0, -50.0]
+    src = _write(tmp_path / "in.jsonl", [_reading("a", T0 + 1000 * k, v) for k, v in enumerate(values)])
+    assert main(["replay", "--input", str(src), "--out", str(tmp_path / "o"), "--commissioning", "200",
+                 "--quiet"]) == 0
+    alerts = _jsonl(tmp_path / "o" / "alerts.jsonl")
+    assert [a["ts"] for a in alerts] == [T0 + 250_000]
+    preds = _jsonl(tmp_path / "o" / "predictions.jsonl")
+    assert all(0.0 <= float(p["anomaly_score"]) <= 1.0 for p in preds[1:])  # type: ignore[arg-type]
+    summary = run_replay(Settings(), src, tmp_path / "t", ReplayConfig(train_fraction=0.7, epochs=1, hidden_size=8),
+                         show=False)
+    assert summary["alerts"] == 1 and _jsonl(tmp_path / "t" / "alerts.jsonl")[0]["ts"] == T0 + 250_000
+    with pytest.raises(SystemExit):  # argparse: one usage line, exit 2
+        main(["replay", "--input", str(src), "--out", str(tmp_path / "x"), "--commissioning", "-1"])
+    assert "--commissioning: must be >= 0" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from liquidstream.operators import AlertReason, Forecaster, LiquidOperator, OperatorSettings
 from liquidstream.pipeline.wire.codec import encode_json
-from liquidstream.pipeline.wire.records import alert_records
+from liquidstream.pipeline.wire.records import alert_records, encode_predictions, prediction_records
 from liquidstream.pipeline.wire.schemas import (
     FLOAT32_OVERFLOW,
     AlertRecord,
@@ -145,7 +145,8 @@ SOURCE = Source(topic="readings", partition=3, offset=99)
 def _prediction(**overrides: Any) -> dict[str, Any]:
     base: dict[str, Any] = {
         "device_id": "pump-7", "ts": TS, "forecast": [1.0, 2.0], "forecast_std": [0.1, 0.2],
-        "forecast_ts": TS + 1000, "horizon_s": 1.0, "score": None, "threshold": None, "is_alert": False,
+        "forecast_ts": TS + 1000, "horizon_s": 1.0, "score": None, "anomaly_score": None, "threshold": None,
+        "is_alert": False,
         "status": "first", "model_version": "cfc-1", "source": SOURCE,
     }
     base.update(overrides)
@@ -153,7 +154,7 @@ def _prediction(**overrides: Any) -> dict[str, Any]:
 
 
 def test_prediction_record_round_trips_through_json() -> None:
-    rec = PredictionRecord.model_validate(_prediction(score=2.5, threshold=4.0, status="ok"))
+    rec = PredictionRecord.model_validate(_prediction(score=2.5, anomaly_score=0.2, threshold=4.0, status="ok"))
     raw = encode_json(rec)
     assert json.loads(raw)["source"] == {"topic": "readings", "partition": 3, "offset": 99}
     assert PredictionRecord.model_validate_json(raw) == rec
@@ -162,7 +163,8 @@ def test_prediction_record_round_trips_through_json() -> None:
 
 
 @pytest.mark.parametrize("bad", [{"score": math.nan}, {"forecast": [1.0, math.inf]},
-                                 {"forecast_std": [0.1]}, {"status": ""}, {"horizon_s": -1.0}])
+                                 {"forecast_std": [0.1]}, {"status": ""}, {"horizon_s": -1.0},
+                                 {"anomaly_score": 1.5}, {"anomaly_score": -0.1}, {"anomaly_score": math.nan}])
 def test_prediction_record_rejects_bad_fields(bad: dict[str, Any]) -> None:
     with pytest.raises(ValidationError):
         PredictionRecord.model_validate(_prediction(**bad))
@@ -177,6 +179,25 @@ def test_alert_record() -> None:
         AlertRecord.model_validate({**alert.model_dump(), "severity": "fatal"})
     with pytest.raises(ValidationError):
         AlertRecord.model_validate({**alert.model_dump(), "reason": "because"})
+
+
+def test_prediction_records_carry_a_calibrated_anomaly_score() -> None:
+    """Every applied reading's record has ``anomaly_score`` in [0, 1] (null on a device's first reading), in the
+    dict records (replay, demo) and the byte records (Kafka) alike, and both validate against the schema."""
+    op = LiquidOperator(Forecaster(n_channels=2, hidden_size=4), OperatorSettings())
+    rng = np.random.default_rng(0)
+    n = 60
+    values = rng.standard_normal((n, 2)).astype(np.float32)
+    values[50] += 40.0  # one reading far from anything seen
+    result = op.process(["d"] * n, np.arange(n, dtype=np.int64) * 1000 + TS, values)
+    sources = [("in", 0, i) for i in range(n)]
+    dicts = [rec for _, rec in prediction_records(["d"] * n, result, op.model_version, sources)]
+    encoded = [json.loads(v) for _, v in encode_predictions(["d"] * n, result, op.model_version, sources) if v]
+    assert [r["anomaly_score"] for r in dicts] == pytest.approx([r["anomaly_score"] for r in encoded], nan_ok=True)
+    scores = [PredictionRecord.model_validate(r).anomaly_score for r in encoded]
+    assert scores[0] is None and all(s is not None and 0.0 <= s <= 1.0 for s in scores[1:])
+    assert scores[50] == max(s for s in scores[1:] if s is not None)
+    assert "anomaly_score" in wire_json_schemas()["PredictionRecord"]["required"]
 
 
 def test_alert_records_the_worker_publishes_follow_the_schema() -> None:
