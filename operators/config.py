@@ -55,13 +55,17 @@ class OperatorSettings:
     #: ``100 * alert_probability``.
     alert_probability: float = 1e-4
     #: Triggers.  ``model_triggers``: the anomaly likelihood of the forecaster's residuals (the delta forecast
-    #: and, when the model has one, the absolute forecast) opens alerts.  ``rule_triggers``: the rules open
-    #: alerts too: a stuck channel (``stuck_after``) and the level likelihood (the same likelihood machinery on
-    #: the residual against the device's normal level, i.e. its normalised reading).  Measured on NAB and
-    #: SKAB, adding the rules to the model lowered both scores, hence off by default; ``model_triggers=False,
-    #: rule_triggers=True`` is the rules-only ablation.
+    #: and, when the model has one, the absolute forecast) opens alerts.  ``level_rule``: the level
+    #: likelihood (the same machinery on the residual against the device's normal level, i.e. its normalised
+    #: reading) joins it; measured on NAB and SKAB it lowered both scores when added to the model, hence off
+    #: by default.  ``stuck_rule``: a channel repeating exactly the same value ``stuck_after`` readings in a
+    #: row opens a ``stuck_sensor`` alert, unless the channel already repeated values for half as long during
+    #: the device's commissioning (a quantised counter or a flat line repeats legitimately: the rule learns
+    #: that and leaves the channel alone).  ``model_triggers=False, level_rule=True`` is the rules-only
+    #: ablation; ``level_rule=False, stuck_rule=False`` the model-only one.
     model_triggers: bool = True
-    rule_triggers: bool = False
+    level_rule: bool = False
+    stuck_rule: bool = True
     #: An open alert closes after ``exit_after`` consecutive calm readings, or after ``max_alert_events``
     #: readings open (the new state is then accepted as normal: the statistics learn from it again).  After
     #: a close no alert opens on the device for ``cooldown_events`` readings.  All three count readings (not
@@ -70,7 +74,7 @@ class OperatorSettings:
     max_alert_events: int = 500
     cooldown_events: int = 100
     #: A channel repeating exactly the same value this many readings in a row counts as a stuck sensor
-    #: (a trigger only with ``rule_triggers``; the stuck channel is always reported as infinite ``z``).
+    #: (see ``stuck_rule``; a stuck channel is always reported with infinite ``z``).
     stuck_after: int = 8
     #: Smoothing factor of the per-device normalisation (running mean and variance) and of the model-spread
     #: calibration, per reading: about 1/alpha readings of memory, which should span a few periods of the
@@ -104,6 +108,6 @@ class OperatorSettings:
             if ivalue < 0:
                 msg = f"{name} must be >= 0, got {ivalue}"
                 raise ConfigError(msg)
-        if not (self.model_triggers or self.rule_triggers):
-            msg = "at least one of model_triggers and rule_triggers must be on"
+        if not (self.model_triggers or self.level_rule):
+            msg = "at least one of model_triggers and level_rule must be on (they make the anomaly score)"
             raise ConfigError(msg)

@@ -121,7 +121,7 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
         residuals.append(("d", x_z - mu))
         if ab is not None:
             residuals.append(("a", x_z - ab))
-    if s.rule_triggers:
+    if s.level_rule:
         residuals.append(("l", x_z))  # against the device's normal level: its normalised reading itself
     scored: list[tuple[str, torch.Tensor, Likelihood, Surprise]] = []
     for key, r in residuals:
@@ -135,9 +135,13 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     # Saturating: only ">= stuck_after" matters, and int16 must not wrap on a sensor stuck for hours.
     stuck_run = torch.where((x == x_last) & ~first, f("stuck").to(torch.int32) + 1, 0).clamp_(
         max=min(s.stuck_after, 32767)).to(torch.int16)
-    stuck_ch = stuck_run >= s.stuck_after
-    stuck = stuck_ch.any(dim=0)
-    condition = stuck & ~in_comm if s.rule_triggers else torch.zeros_like(stuck)
+    # A channel that repeats for half the stuck length during commissioning repeats legitimately.
+    repeats = f("repeats") | (in_comm & (stuck_run >= max(s.stuck_after // 2, 2)))
+    stuck_ch = (stuck_run >= s.stuck_after) & ~repeats
+    stuck = stuck_ch.any(dim=0) & ~in_comm
+    condition = stuck if s.stuck_rule else torch.zeros_like(stuck)
+    if s.stuck_rule:  # a stuck reading is at least as surprising as the alert threshold says
+        log10_p = torch.where(condition, log10_p.nan_to_num(0.0).clamp(max=-scorer.threshold), log10_p)
     # 3. alert state machine
     alert = scorer.step(AlertState(f("alert_open"), f("alert_age"), f("cooldown"), f("calm")), log10_p, condition,
                         warm)
@@ -177,19 +181,20 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     for _, _, _, out in scored[1:]:
         q = torch.maximum(q, out.q)
     o_f[rows.z] = torch.sqrt(q).masked_fill_(stuck_ch, float("inf"))
-    score = log10_p.neg()  # L, decades of surprise (NaN on first readings)
+    score = log10_p.neg().add_(0.0)  # L, decades of surprise (NaN on first readings); + 0.0 turns -0.0 into 0.0
     o_f[rows.horizon], o_f[rows.score], o_f[rows.threshold] = gap, score, scorer.threshold
     torch.div(score, score + SCORE_HALF, out=o_f[rows.anomaly_score])
     o_b[FLAG_IN_ALERT], o_b[FLAG_OPENED] = alert.in_alert, alert.opened
     reason = torch.full_like(stuck, R.ANOMALY_LIKELIHOOD.code, dtype=torch.int8)
-    if s.rule_triggers:
+    if s.level_rule:
         level = scored[-1][3].log10_p
         reason = torch.where(level <= best, R.LEVEL_DEVIATION.code, reason)  # the level rule was the surprise
-        reason = torch.where(stuck, R.STUCK_SENSOR.code, reason)
+    if s.stuck_rule:
+        reason = torch.where(condition, R.STUCK_SENSOR.code, reason)
     o_b[FLAG_REASON] = reason
     # 7. new values into the wave's columns, then one transposed copy and one scatter per block
     for name, value in (("x_last", x), ("mean", mean), ("var", var), ("calib", calib), ("gap_ema", gap),
-                        ("stuck", stuck_run), ("alert_open", alert.state.open), ("alert_age", alert.state.age),
-                        ("cooldown", alert.state.cooldown), ("calm", alert.state.calm)):
+                        ("stuck", stuck_run), ("repeats", repeats), ("alert_open", alert.state.open),
+                        ("alert_age", alert.state.age), ("cooldown", alert.state.cooldown), ("calm", alert.state.calm)):
         w.set(name, value)
     w.scatter()

@@ -51,7 +51,7 @@ class LiquidOperator:
         self.scorer = AnomalyScorer(settings)
         self.store = DeviceStateStore(model.hidden_size, model.n_channels, initial_capacity=initial_capacity,
                                       device=self.device,
-                                      extra_fields=LEVEL_FIELDS if settings.rule_triggers else ())
+                                      extra_fields=LEVEL_FIELDS if settings.level_rule else ())
 
     def swap_model(self, model: Forecaster, version: str) -> None:
         """Serve a new model from the next call on (call between batches); device state is kept."""

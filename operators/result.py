@@ -37,11 +37,13 @@ class AlertReason(StrEnum):
     (1, <AlertReason.STUCK_SENSOR: 'stuck_sensor'>, True)
     """
 
-    FORECAST_DEVIATION = "forecast_deviation"  # the reading is far from the model's forecast
+    # Not opened since the anomaly-likelihood detector; kept so that alert records written before it validate.
+    FORECAST_DEVIATION = "forecast_deviation"
     STUCK_SENSOR = "stuck_sensor"  # a channel repeated exactly the same value stuck_after readings in a row
-    SUSTAINED_DEVIATION = "sustained_deviation"  # residuals moderately but persistently large
-    LEVEL_DEVIATION = "level_deviation"  # the reading is far from the device's normal level
-    ANOMALY_LIKELIHOOD = "anomaly_likelihood"  # the forecast residuals' anomaly likelihood fell below alert_probability
+    SUSTAINED_DEVIATION = "sustained_deviation"  # not opened any more (see FORECAST_DEVIATION)
+    LEVEL_DEVIATION = "level_deviation"  # the level rule's likelihood (reading against the normal level)
+    # The anomaly likelihood of the forecast residuals fell below alert_probability.
+    ANOMALY_LIKELIHOOD = "anomaly_likelihood"
 
     @property
     def code(self) -> int:

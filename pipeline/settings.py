@@ -2,7 +2,7 @@
 
 Built once (from ``LIQUIDSTREAM_*`` environment variables, then overridden by CLI flags) and passed down;
 nothing reads the environment after start-up.  Nested operator settings use ``__``:
-``LIQUIDSTREAM_OPERATOR__COOLDOWN_S=30``.  Extra Kafka client properties pass through verbatim from
+``LIQUIDSTREAM_OPERATOR__ALERT_PROBABILITY=1e-5``.  Extra Kafka client properties pass through verbatim from
 ``LIQUIDSTREAM_KAFKA_CONFIG`` (a JSON object) so every librdkafka setting, security included, is reachable.
 """
 

@@ -53,8 +53,8 @@ class OnlineSettings(BaseModel, frozen=True):
     #: Share of incoming windows held out for validation (chosen per window at random, never trained on).
     holdout_fraction: float = Field(default=0.2, gt=0.0, lt=1.0)
     # --- guards
-    #: Readings inside an alert, or scoring above ``max_score`` (the operator's anomaly score: largest
-    #: calibrated standardised residual over channels), are not learned from.
+    #: Readings inside an alert, or scoring above ``max_score`` (the operator's score: -log10 of the reading's
+    #: anomaly-likelihood tail probability; 4 = the default alert threshold), are not learned from.
     guard_alerts: bool = True
     max_score: float = Field(default=4.0, gt=0.0)
     #: A candidate is accepted only when its held-out error (median over devices of each device's mean) beats

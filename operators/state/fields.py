@@ -13,10 +13,11 @@ field               dtype / shape    meaning
 ``calib``           float32 [C]      long running mean of squared standardised residuals per channel: the
                                      device's own calibration of the model's predicted variance
 ``{k}_s2``          float32 [C]      anomaly likelihood of residual ``k`` (``d`` delta forecast, ``a``
-                                     absolute forecast; ``l`` normal level, only with ``rule_triggers``):
+                                     absolute forecast; ``l`` normal level, only with ``level_rule``):
                                      running mean of the squared residual, normalised units squared
 ``{k}_m``           float32          short running mean of the raw surprise ``max_c log1p(r^2 / s2)``
-``{k}_mu``, ``{k}_v`` float32        long-run mean and variance of ``{k}_m``
+``{k}_mu``          float32          long-run mean of ``{k}_m``
+``{k}_v``           float32          long-run variance of ``{k}_m``
 ``{k}_cal``         float32          empirical calibration: running rate of calm readings with a tail
                                      probability below 0.01, divided by 0.01 (1 = the Gaussian tail is right)
 ``lik_n``           int32            readings the likelihoods have learnt from (their learning rate)
@@ -26,6 +27,8 @@ field               dtype / shape    meaning
 ``cooldown``        int32            readings during which no new alert opens
 ``calm``            int32            consecutive calm readings while an alert is open (hysteresis)
 ``stuck``           int16 [C]        consecutive exactly-repeated values per channel
+``repeats``         bool [C]         the channel repeated values during commissioning (quantised, flat):
+                                     the stuck rule leaves it alone
 ``last_ts_ms``      int64 (host)     event time of the last applied reading, epoch ms
 ``count``           int32 (host)     readings applied so far
 ==================  ===============  =====================================================================
@@ -74,8 +77,9 @@ TORCH_FIELDS: tuple[tuple[str, torch.dtype, str], ...] = (
     ("cooldown", torch.int32, ""),
     ("calm", torch.int32, ""),
     ("stuck", torch.int16, "C"),
+    ("repeats", torch.bool, "C"),
 )
-#: The level likelihood's state: only with ``OperatorSettings.rule_triggers`` (an extra field set of the store).
+#: The level likelihood's state: only with ``OperatorSettings.level_rule`` (an extra field set of the store).
 LEVEL_FIELDS = likelihood_fields("l")
 #: Neutral value of each field of a device never seen, where it is not 0: variances, residual energies and
 #: calibration ratios start at 1 (nothing divides by zero); ``commissioning`` -1 means "the setting's length".

@@ -52,7 +52,7 @@ class DeviceStateStore:
         self.blocks: dict[torch.dtype, torch.Tensor] = {}
         self.columns: dict[str, tuple[int, int]] = {}  # field -> (start, stop) column in its dtype's block
         widths: dict[torch.dtype, int] = {}
-        # Fields an operator option needs (the level likelihood's, with rule_triggers) join the blocks, the snapshots
+        # Fields an operator option needs (the level likelihood's, with level_rule) join the blocks, the snapshots
         # and their layout check; zero-initialised.  Without options the layout is exactly TORCH_FIELDS.
         self._fields = TORCH_FIELDS + tuple(extra_fields)
         self._kind = {name: (dtype, kind) for name, dtype, kind in self._fields}

@@ -11,8 +11,9 @@ forecast made before it, so a chunk looks no further ahead than a worker's batch
 
 Ablations, each a full run on the same data with the same operator defaults:
 
-* ``full``: the trained liquid forecaster and every trigger;
-* ``rules_only``: the model-based triggers off (only the level and stuck rules decide);
+* ``full``: the operator defaults with the trained liquid forecaster (model likelihood and the learned stuck rule);
+* ``rules_only``: the model-based triggers off (only the level rule, a likelihood of the reading against the
+  device's normal level, and the stuck rule decide);
 * ``model_only``: the level and stuck rules off (only the model's forecast residuals decide);
 * ``persistence``: the untrained forecaster (its forecast is the last reading) in place of the trained one;
 * ``gru``: a discrete GRU of the same size, trained the same way, in place of the liquid cell.
@@ -65,7 +66,7 @@ def train_forecaster(devices: Sequence[Device], *, kind: str, hidden_size: int, 
                                   np.concatenate([d.values[:d.commissioning] for d in devices]))
     c = devices[0].values.shape[1]
     if kind == "gru":
-        model = build_model("gru", c, hidden_size)
+        model = build_model("gru", c, hidden_size, absolute_head=True)
     else:
         options: dict[str, object] = {"backbone_units": hidden_size} if kind == "cfc" else {}
         model = Forecaster(n_channels=c, hidden_size=hidden_size, cell=kind, cell_options=options)
@@ -110,8 +111,8 @@ def forecast_mse(devices: Sequence[Device], forecasts: Sequence[np.ndarray] | No
 #: Each ablation: which model to serve (``trained``, ``persistence`` or ``gru``) and the operator settings.
 ABLATIONS: dict[str, tuple[str, Callable[[OperatorSettings], OperatorSettings]]] = {
     "full": ("trained", lambda s: s),
-    "rules_only": ("trained", lambda s: dataclasses.replace(s, model_triggers=False)),
-    "model_only": ("trained", lambda s: dataclasses.replace(s, rule_triggers=False)),
+    "rules_only": ("trained", lambda s: dataclasses.replace(s, model_triggers=False, level_rule=True, stuck_rule=True)),
+    "model_only": ("trained", lambda s: dataclasses.replace(s, level_rule=False, stuck_rule=False)),
     "persistence": ("persistence", lambda s: s),
     "gru": ("gru", lambda s: s),
 }

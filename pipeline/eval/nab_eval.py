@@ -48,8 +48,8 @@ def incident_scores(run: Streamed, cooldown: int) -> list[np.ndarray]:
     readings after it closed (causal: built from the flags of earlier readings only).
 
     >>> r = Streamed([np.array([.1, .9, .8, .2, .7, .6], np.float32)], [np.array([0, 1, 1, 0, 0, 0], bool)], [])
-    >>> incident_scores(r, cooldown=1)[0].tolist()
-    [0.10000000149011612, 0.8999999761581543, 0.0, 0.0, 0.0, 0.6000000238418579]
+    >>> [round(v, 2) for v in incident_scores(r, cooldown=1)[0].tolist()]
+    [0.1, 0.9, 0.0, 0.0, 0.0, 0.6]
     """
     out = []
     for score, alert in zip(run.anomaly_score, run.is_alert, strict=True):
@@ -57,7 +57,7 @@ def incident_scores(run: Streamed, cooldown: int) -> list[np.ndarray]:
         blocked[1:] = alert[:-1]  # an alert was already open before this reading
         closes = np.flatnonzero(alert[:-1] & ~alert[1:]) + 1  # the readings on which an alert closed
         for c in closes:
-            blocked[c:c + cooldown] = True
+            blocked[c:c + cooldown + 1] = True  # the closing reading, then ``cooldown`` more
         out.append(np.where(blocked, 0.0, np.nan_to_num(score, nan=0.0)).astype(np.float64))
     return out
 

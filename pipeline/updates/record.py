@@ -147,7 +147,7 @@ def build_record(state_dict: Mapping[str, torch.Tensor], config: Mapping[str, An
                  validation: Mapping[str, float] | None = None, trainer: str = "",
                  created_at_ms: int | None = None) -> UpdateRecord:
     """Encode (and sign, unless ``signing_key`` is None) one update; the version is computed here."""
-    model = Forecaster(**config)
+    model = Forecaster.from_config(config)
     model.load_state_dict(dict(state_dict))
     version = model_version(model)
     weights = st_save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
@@ -222,7 +222,7 @@ def decode(envelope: Envelope) -> ModelUpdate:
     h = envelope.header
     try:
         tensors = st_load(envelope.weights)
-        model = Forecaster(**h["model"])
+        model = Forecaster.from_config(h["model"])
         model.load_state_dict(tensors, strict=True)
     # safetensors raises SafetensorError (a bare Exception) on bad bytes; TypeError, ConfigError or
     # RuntimeError (load_state_dict) come from a config or a tensor set that does not fit

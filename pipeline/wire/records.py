@@ -93,7 +93,8 @@ def encode_predictions(device_ids: Sequence[str], result: StepResult, model_vers
     >>> from liquidstream.operators.result import StepResult
     >>> res = StepResult(np.array([1, 2], np.int8), np.zeros(2, bool), np.ones((2, 1), np.float32),
     ...                  np.ones((2, 1), np.float32), np.ones(2, np.float32), np.array([np.nan, 1], np.float32),
-    ...                  np.full(2, 4.0, np.float32), np.zeros(2, bool), np.array([1000, 1000]))
+    ...                  np.full(2, 4.0, np.float32), np.zeros(2, bool), np.array([1000, 1000]),
+    ...                  anomaly_score=np.array([np.nan, 0.2], np.float32))
     >>> import json
     >>> [(i, json.loads(v)["score"], json.loads(v)["status"]) for i, v in encode_predictions(["a", "a"], res, "v1")]
     [(0, None, 'first')]

@@ -35,13 +35,16 @@ def test_column_forecast_and_advance_match_row_form(cell: str, options: dict[str
     h, x = block[:, 2:2 + H], torch.randn(11, C)
     dt = torch.tensor([0.0, 1e-3, 0.1, 0.5, 1.0, 3.0, 60.0, 1e4, 2.0, 0.2, 7.0])
     with torch.no_grad():
-        mean, std = model.forecast(h, x, dt)
-        mean_c, std_c = model.forecast_columns(h, x.t(), dt)
+        mean, std, absolute = model.forecast_all(h, x, dt)
+        mean_c, std_c, absolute_c = model.forecast_columns_all(h, x.t(), dt)
         new_h = model.advance(h, x, dt)
         out = torch.zeros(11, H + 4)
         model.advance_columns(h, x.t().contiguous(), dt, out[:, 1:1 + H])
     torch.testing.assert_close(mean_c, mean.t(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(std_c, std.t(), rtol=1e-5, atol=1e-6)
+    assert absolute is not None and absolute_c is not None
+    torch.testing.assert_close(absolute_c, absolute.t(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(absolute, mean), "the absolute forecast has no skip from the last value"
     torch.testing.assert_close(out[:, 1:1 + H], new_h, rtol=1e-5, atol=1e-6)
     assert (out[:, 0] == 0).all() and (out[:, 1 + H:] == 0).all()
 
@@ -63,15 +66,19 @@ def stream(n_dev: int, n: int) -> tuple[list[str], np.ndarray, np.ndarray]:
     ts = np.concatenate([T0 + np.cumsum(rng.integers(200, 3000, n)) for _ in range(n_dev)])
     vals = rng.normal(size=(n_dev * n, C)).astype(np.float32)
     vals[n // 2::n, 0] += 15.0  # a spike per device, after warm-up
+    for d in range(0, n_dev, 2):
+        vals[d * n + n // 3:d * n + n // 3 + 12, 1] = 0.25  # a stuck channel on every other device: alerts
     order = np.argsort(ts, kind="stable")
     return [ids[i] for i in order], ts[order], vals[order]
 
 
-@pytest.mark.parametrize("settings", [{}, {"gap_policy": "reset", "max_gap_s": 2.0, "learn_calm_channels": True}])
+@pytest.mark.parametrize("settings", [{"level_rule": True},
+                                      {"gap_policy": "reset", "max_gap_s": 2.0, "level_rule": True,
+                                       "model_triggers": False}])
 def test_transposed_and_strided_waves_agree(monkeypatch: pytest.MonkeyPatch, settings: dict[str, Any]) -> None:
     """Waves above ``TRANSPOSE_MIN_ROWS`` work on transposed copies, smaller ones on strided views of the
     gathered rows: results and stored state must not depend on which."""
-    ids, ts, vals = stream(40, 30)
+    ids, ts, vals = stream(40, 60)
     runs = []
     for threshold in (0, 10**9):
         monkeypatch.setattr(fused_step, "TRANSPOSE_MIN_ROWS", threshold)
@@ -84,7 +91,7 @@ def test_transposed_and_strided_waves_agree(monkeypatch: pytest.MonkeyPatch, set
     for pa, pb in zip(a, b, strict=True):
         np.testing.assert_array_equal(pa.status, pb.status)
         np.testing.assert_array_equal(pa.is_alert, pb.is_alert)
-        for k in ("forecast", "forecast_std", "score", "threshold", "horizon_s"):
+        for k in ("forecast", "forecast_std", "score", "threshold", "horizon_s", "anomaly_score"):
             np.testing.assert_allclose(getattr(pa, k), getattr(pb, k), rtol=1e-5, atol=1e-6, equal_nan=True)
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6)

@@ -201,3 +201,22 @@ def test_load_to_device_and_back(tmp_path: Path) -> None:
     loaded, _ = load_model(path, device=device)
     assert next(loaded.parameters()).device.type == device
     assert model_version(loaded) == model_version(model)
+
+
+def test_config_without_absolute_head_loads_a_model_saved_before_it(tmp_path: Path) -> None:
+    """A model saved before ``absolute_head`` existed: its JSON has no such key and its head 2C outputs."""
+    torch.manual_seed(3)
+    old = Forecaster(n_channels=3, hidden_size=6, head_units=8, absolute_head=False).eval()
+    path = tmp_path / "old.pt"
+    version = save_model(old, path)
+    cfg_file = path.with_suffix(".json")
+    doc = json.loads(cfg_file.read_text())
+    del doc["model"]["absolute_head"]  # exactly what an older release wrote
+    cfg_file.write_text(json.dumps(doc))
+    loaded, got = load_model(path)
+    assert not loaded.absolute_head and got["version"] == version
+    h, x, dt = torch.randn(2, 6), torch.randn(2, 3), torch.ones(2)
+    assert loaded.forecast_all(h, x, dt)[2] is None
+    new = Forecaster(n_channels=3, hidden_size=6, head_units=8)
+    assert new.absolute_head and new.config()["absolute_head"] is True
+    assert Forecaster.from_config(new.config()).absolute_head

@@ -27,11 +27,13 @@ def make_op(cell: str = "cfc", device: str = "cpu", **kw: Any) -> LiquidOperator
         for p in model.head.parameters():
             p.add_(0.1 * torch.randn_like(p))
     kw.setdefault("warmup_events", 8)
+    kw.setdefault("level_rule", True)  # the stuck rule exercises alerts even in short streams
     return LiquidOperator(model, OperatorSettings(**kw), device=device, initial_capacity=4)
 
 
 def stream(n_dev: int = 5, n: int = 30, seed: int = 0) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Interleaved readings of several devices, irregular gaps, in event-time order per device; spikes in it."""
+    """Interleaved readings of several devices, irregular gaps, in event-time order per device; spikes and a
+    stuck channel in it."""
     rng = np.random.default_rng(seed)
     ids: list[str] = []
     ts: list[np.ndarray] = []
@@ -40,6 +42,8 @@ def stream(n_dev: int = 5, n: int = 30, seed: int = 0) -> tuple[list[str], np.nd
         t = T0 + np.cumsum(rng.integers(300, 3000, size=n))
         v = np.sin(np.arange(n)[:, None] * (0.3 + 0.1 * d) + np.arange(C)) + 0.05 * rng.standard_normal((n, C))
         v[n // 2 + d % 3, d % C] += 12.0  # an anomaly after warm-up
+        if d % 2 == 0:
+            v[n // 3:n // 3 + 10, (d + 1) % C] = 0.5  # a stuck channel: the rule's alert
         ids += [f"dev-{d}"] * n
         ts.append(t)
         vals.append(v)
@@ -49,7 +53,8 @@ def stream(n_dev: int = 5, n: int = 30, seed: int = 0) -> tuple[list[str], np.nd
 
 
 def concat(parts: list[StepResult]) -> dict[str, np.ndarray]:
-    keys = ("status", "long_gap", "forecast", "forecast_std", "horizon_s", "score", "threshold", "is_alert")
+    keys = ("status", "long_gap", "forecast", "forecast_std", "horizon_s", "score", "threshold", "is_alert",
+            "anomaly_score")
     return {k: np.concatenate([getattr(p, k) for p in parts]) for k in keys}
 
 
@@ -64,7 +69,7 @@ def alerts_of(parts: list[StepResult]) -> list[tuple[Any, ...]]:
 def assert_results_close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], tol: float = 1e-5) -> None:
     for k in ("status", "long_gap", "is_alert"):
         assert np.array_equal(a[k], b[k]), k
-    for k in ("forecast", "forecast_std", "horizon_s", "score", "threshold"):
+    for k in ("forecast", "forecast_std", "horizon_s", "score", "threshold", "anomaly_score"):
         np.testing.assert_allclose(a[k], b[k], rtol=tol, atol=tol, equal_nan=True, err_msg=k)
 
 
@@ -109,19 +114,33 @@ def test_batch_equals_one_at_a_time_and_any_split(cell: str) -> None:
 
 
 def test_snapshot_restore_continues_identically() -> None:
-    ids, ts, vals = stream(n=24, seed=3)
+    """Every field (the likelihoods', the alert machine's, a per-device commissioning) survives a snapshot bit for
+    bit, and the restored operator continues exactly as the one that never stopped."""
+    ids, ts, vals = stream(n=60, seed=3)
     cut = len(ids) // 2
-    ref = make_op()
+
+    def op() -> LiquidOperator:
+        made = make_op()
+        made.set_commissioning(["dev-1"], [25])
+        return made
+
+    ref = op()
     ref.process(ids[:cut], ts[:cut], vals[:cut])
     tail_ref = ref.process(ids[cut:], ts[cut:], vals[cut:])
-    src = make_op()
+    src = op()
     src.process(ids[:cut], ts[:cut], vals[:cut])
-    dst = make_op()
+    dst = make_op()  # no commissioning set here: it arrives with the snapshot
     dst.store.restore(src.store.snapshot())
+    for dev, fields in store_state(src).items():
+        assert {"d_s2", "a_cal", "l_v", "lik_n", "commissioning", "alert_age", "cooldown"} <= fields.keys()
+        for k, v in fields.items():
+            assert np.array_equal(v, store_state(dst)[dev][k]), f"{dev}.{k}"
     tail = dst.process(ids[cut:], ts[cut:], vals[cut:])
     assert len(tail_ref.alerts) > 0
     assert_results_close(concat([tail_ref]), concat([tail]), tol=0.0)
     assert alerts_of([tail_ref]) == alerts_of([tail])
+    end_ref, end = store_state(ref), store_state(dst)
+    assert all(np.array_equal(end_ref[d][k], end[d][k]) for d in end_ref for k in end_ref[d])
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -141,7 +141,8 @@ def test_evaluate() -> None:
 def _spread_rows(model: Forecaster) -> torch.Tensor:
     last = model.head[-1]
     assert isinstance(last, torch.nn.Linear)
-    return torch.cat([last.weight[model.n_channels:].detach(), last.bias[model.n_channels:, None].detach()], 1)
+    c = model.n_channels  # rows [C, 2C) of the last layer: the spread (then [2C, 3C): the absolute forecast)
+    return torch.cat([last.weight[c:2 * c].detach(), last.bias[c:2 * c, None].detach()], 1)
 
 
 def test_mean_warmup_trains_the_mean_on_squared_error_then_the_spread() -> None:
@@ -177,3 +178,25 @@ def test_beta_nll_weights_each_term_by_its_detached_spread() -> None:
     g_beta = torch.autograd.grad(nll1, head_bias)[0][:2]
     g_se = torch.autograd.grad(0.5 * rollout_loss(*args)[1], head_bias)[0][:2]
     assert torch.allclose(g_beta, g_se, rtol=1e-4, atol=1e-6)
+
+
+def test_absolute_head_trains_jointly_and_evaluation_reports_the_delta_forecast_alone() -> None:
+    seqs = Sequences.from_columns(*sinusoids(4, 60, 2, seed=8))
+    torch.manual_seed(5)
+    model = Forecaster(n_channels=2, hidden_size=6, cell="cfc", head_units=8)
+    args = (model, seqs.values, seqs.dt, seqs.mask, initial_state(model, 4, torch.device("cpu")), 0.005)
+
+    def abs_error() -> float:
+        with torch.no_grad():
+            nll_j, se_j, _, _ = rollout_loss(*args, absolute=True)
+            nll, se, _, _ = rollout_loss(*args)
+        assert float(nll_j - nll) == pytest.approx(float(se_j - se), rel=1e-4)  # the same term in both sums
+        return float(se_j - se)
+
+    before = abs_error()
+    assert before > 0
+    Trainer(model, window=16, lr=1e-2).fit(seqs, 4)
+    assert abs_error() < 0.5 * before, "the absolute head learns from the joint loss"
+    with torch.no_grad():
+        plain = rollout_loss(*args)
+    assert Trainer(model).evaluate(seqs)["nll"] == pytest.approx(float(plain[0] / plain[2]), rel=1e-5)

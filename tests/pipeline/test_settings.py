@@ -12,10 +12,10 @@ from liquidstream.pipeline.settings import Settings
 def test_env_and_nested_operator_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LIQUIDSTREAM_INPUT_TOPIC", "sensors")
     monkeypatch.setenv("LIQUIDSTREAM_OPERATOR__LATE_POLICY", "accept")
-    monkeypatch.setenv("LIQUIDSTREAM_OPERATOR__COOLDOWN_S", "12.5")
+    monkeypatch.setenv("LIQUIDSTREAM_OPERATOR__ALERT_PROBABILITY", "1e-5")
     s = Settings()
     assert s.input_topic == "sensors"
-    assert s.operator.late_policy == "accept" and s.operator.cooldown_s == 12.5
+    assert s.operator.late_policy == "accept" and s.operator.alert_probability == 1e-5
     assert Settings(input_topic="other").input_topic == "other"  # explicit values win over the environment
 
 

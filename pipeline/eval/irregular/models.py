@@ -41,14 +41,17 @@ class GRUGapCell(ContinuousCell):
         return torch.ones_like(h)  # one step, whatever the gap: a discrete cell has no time constant in seconds
 
 
-def build_model(kind: str, n_channels: int, hidden_size: int) -> Forecaster:
+def build_model(kind: str, n_channels: int, hidden_size: int, *, absolute_head: bool = False) -> Forecaster:
+    """A study model (the irregular study's forecasters have no absolute head: the study predates it and
+    measures the delta forecast only; the detection ablations ask for one)."""
     if kind == "gru":
-        model = Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell="liquid")
+        model = Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell="liquid", absolute_head=absolute_head)
         model.cell = GRUGapCell(n_channels + 1, hidden_size)  # same head, same dt feature, discrete state
         return model
     options: dict[str, object] = ({"backbone_units": hidden_size} if kind == "cfc" else
                                   {"tau_init_min": LTC_TAU_INIT_S[0], "tau_init_max": LTC_TAU_INIT_S[1]})
-    return Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell=kind, cell_options=options)
+    return Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell=kind, cell_options=options,
+                      absolute_head=absolute_head)
 
 
 def fix_spread(model: Forecaster) -> Forecaster:

@@ -168,7 +168,8 @@ def test_alert_guard_masks_alerts_and_high_scores() -> None:
     res = StepResult(status=np.zeros(4, np.int8), long_gap=np.zeros(4, bool), forecast=np.zeros((4, 1), np.float32),
                      forecast_std=np.ones((4, 1), np.float32), horizon_s=np.ones(4, np.float32),
                      score=np.array([np.nan, 1.0, 9.0, 1.0], np.float32), threshold=np.full(4, 5.0, np.float32),
-                     is_alert=np.array([False, False, False, True]), ts_ms=np.arange(4, dtype=np.int64))
+                     is_alert=np.array([False, False, False, True]), ts_ms=np.arange(4, dtype=np.int64),
+                     anomaly_score=np.array([np.nan, 1 / 11, 9 / 19, 1 / 11], np.float32))
     assert learnable(res, OnlineSettings(max_score=5.0)).tolist() == [True, True, False, False]
     assert learnable(res, OnlineSettings.unguarded()).all()
 

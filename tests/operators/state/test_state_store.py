@@ -43,8 +43,9 @@ BACKENDS = [
                  marks=pytest.mark.skipif(not CUDA, reason="no CUDA device")),
 ]
 
-#: Fields documented to start at 1 (variances, residual energies); every other field starts at 0.
-ONE_FIELDS = {"var", "z2_fast", "calib"}
+#: Fields documented to start at 1 (variances, residual energies, calibration ratios) or -1 (commissioning:
+#: the setting's length); every other field starts at 0.
+NEUTRAL = {"var": 1, "calib": 1, "commissioning": -1} | {f"{k}_{f}": 1 for k in "dal" for f in ("s2", "v", "cal")}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -93,7 +94,7 @@ def assert_same_fields(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what:
 
 def assert_neutral(store: DeviceStateStore, device_id: str) -> None:
     for name, value in row_fields(store, device_id).items():
-        want = 1 if name in ONE_FIELDS else 0
+        want = NEUTRAL.get(name, 0)
         assert np.all(value == want), f"new row of {device_id!r}: field {name} = {value}, want all {want}"
 
 

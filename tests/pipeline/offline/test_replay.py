@@ -79,23 +79,27 @@ def test_file_without_any_reading_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_commissioning_readings_never_alert(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``--commissioning N``: a device's first N readings are normal by declaration, however odd they look; the
-    same oddity after them opens an alert.  ``--train-fraction`` sets it per device to its training part."""
+    """``--commissioning N``: a device's first N readings are normal by declaration, so an oddity among them
+    opens no alert, while the same oddity after them does; ``--train-fraction`` sets it per device to the
+    device's training part."""
     from liquidstream.pipeline.cli.entry import main
 
-    values = [[1.0 + 0.01 * (k % 5), 2.0] for k in range(300)]
-    for k in (60, 250):  # one wild reading inside commissioning, one after it
-        values[k] = [90.0, -50.0]
+    values = [[1.0 + 0.01 * (k % 5), 2.0 + 0.02 * (k % 3)] for k in range(300)]
+    values[250] = [90.0, -50.0]
     src = _write(tmp_path / "in.jsonl", [_reading("a", T0 + 1000 * k, v) for k, v in enumerate(values)])
-    assert main(["replay", "--input", str(src), "--out", str(tmp_path / "o"), "--commissioning", "200",
-                 "--quiet"]) == 0
-    alerts = _jsonl(tmp_path / "o" / "alerts.jsonl")
-    assert [a["ts"] for a in alerts] == [T0 + 250_000]
-    preds = _jsonl(tmp_path / "o" / "predictions.jsonl")
-    assert all(0.0 <= float(p["anomaly_score"]) <= 1.0 for p in preds[1:])  # type: ignore[arg-type]
-    summary = run_replay(Settings(), src, tmp_path / "t", ReplayConfig(train_fraction=0.7, epochs=1, hidden_size=8),
-                         show=False)
-    assert summary["alerts"] == 1 and _jsonl(tmp_path / "t" / "alerts.jsonl")[0]["ts"] == T0 + 250_000
+
+    def alerts_with(*flags: str) -> list[object]:
+        out = tmp_path / "o" / "-".join(flags)
+        assert main(["replay", "--input", str(src), "--out", str(out), "--quiet", *flags]) == 0
+        preds = _jsonl(out / "predictions.jsonl")
+        assert all(0.0 <= float(p["anomaly_score"]) <= 1.0 for p in preds[1:])  # type: ignore[arg-type]
+        return [a["ts"] for a in _jsonl(out / "alerts.jsonl")]
+
+    assert alerts_with("--commissioning", "200") == [T0 + 250_000]
+    assert alerts_with("--commissioning", "280") == []
+    assert alerts_with("--train-fraction", "0.7", "--epochs", "1", "--hidden-size", "8") == [T0 + 250_000]
+    assert alerts_with("--train-fraction", "0.9", "--epochs", "1", "--hidden-size", "8") == []
+    capsys.readouterr()
     with pytest.raises(SystemExit):  # argparse: one usage line, exit 2
         main(["replay", "--input", str(src), "--out", str(tmp_path / "x"), "--commissioning", "-1"])
     assert "--commissioning: must be >= 0" in capsys.readouterr().err

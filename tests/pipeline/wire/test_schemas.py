@@ -196,7 +196,8 @@ def test_prediction_records_carry_a_calibrated_anomaly_score() -> None:
     assert [r["anomaly_score"] for r in dicts] == pytest.approx([r["anomaly_score"] for r in encoded], nan_ok=True)
     scores = [PredictionRecord.model_validate(r).anomaly_score for r in encoded]
     assert scores[0] is None and all(s is not None and 0.0 <= s <= 1.0 for s in scores[1:])
-    assert scores[50] == max(s for s in scores[1:] if s is not None)
+    calm = [s for s in scores[21:50] if s is not None]
+    assert min(scores[50:52]) > max(calm)  # type: ignore[type-var]  # the spike and the return from it stand out
     assert "anomaly_score" in wire_json_schemas()["PredictionRecord"]["required"]
 
 
