@@ -328,14 +328,14 @@ def test_statistics_frozen_while_alert_open() -> None:
 
 
 @pytest.mark.parametrize("model_triggers", [True, False])
-def test_stuck_sensor_alert_with_level_rule(model_triggers: bool) -> None:
+def test_stuck_sensor_alert(model_triggers: bool) -> None:
     s = OperatorSettings().stuck_after
     start = HIST
     v = signal(HIST + 60, seed=5)
     v[start:start + 20, 3] = 0.0  # channel 3 repeats one value exactly (its normal level: no level deviation)
     near = signal(HIST + 60, seed=6)
     near[start:start + 20, 3] = 1e-3 * np.arange(20, dtype=np.float32)  # flat-ish but not repeated
-    out = run_devices(make_op(level_rule=True, model_triggers=model_triggers, exit_after=2),
+    out = run_devices(make_op(level_rule=not model_triggers, model_triggers=model_triggers, exit_after=2),
                       {"stuck": v, "near": near})
     alerts = out["stuck"]["alerts"]
     assert len(alerts) == 1
@@ -344,8 +344,26 @@ def test_stuck_sensor_alert_with_level_rule(model_triggers: bool) -> None:
     assert i == start + s  # the value first seen at `start`, then repeated stuck_after times
     assert out["stuck"]["is_alert"][i:start + 20].all(), "stays open while the channel is stuck"
     assert [a.reason for _, a in out["near"]["alerts"]] == []
-    # off by default: the same stuck channel alone opens nothing
-    assert run_devices(make_op(exit_after=2), {"stuck": v})["stuck"]["alerts"] == []
+    # switched off, the same stuck channel opens nothing
+    assert run_devices(make_op(exit_after=2, stuck_rule=False), {"stuck": v})["stuck"]["alerts"] == []
+
+
+def test_stuck_rule_learns_legitimate_repeats_during_commissioning() -> None:
+    """A channel that repeated values during commissioning (a quantised counter) repeats legitimately: the stuck
+    rule leaves it alone afterwards, while the same repeat on a device whose commissioning never repeated (or
+    on one without commissioning) opens a stuck_sensor alert."""
+    s = OperatorSettings().stuck_after
+    v = signal(HIST + 60, seed=5)
+    v[HIST:HIST + 20, 3] = 0.0  # stuck after commissioning
+    quantised = v.copy()
+    quantised[10:11 + s // 2, 3] = quantised[10, 3]  # repeated half the stuck length during commissioning
+    op = make_op(exit_after=2)
+    op.set_commissioning(["plain", "quantised"], [HIST, HIST])
+    out = run_devices(op, {"plain": v, "quantised": quantised})
+    assert [a.reason for _, a in out["plain"]["alerts"]] == ["stuck_sensor"]
+    assert [a.reason for _, a in out["quantised"]["alerts"]] == []
+    row = store_row(op, "quantised")
+    assert row["repeats"].tolist() == [False, False, False, True]
 
 
 def test_rules_only_level_likelihood_scores_and_alerts() -> None:
