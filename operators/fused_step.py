@@ -106,7 +106,10 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     x_last, mean, var, calib = f("x_last"), f("mean"), f("var"), f("calib")
     # 1. forecast this reading from the state before it, at the real gap (delta and absolute forecasts)
     sc = scale(mean, var)
-    mu, sd, ab = model.forecast_columns_all(w.h, torch.clamp((x_last - mean) / sc, -CLIP_Z, CLIP_Z), dt)
+    last_z = (x_last - mean) / sc
+    last_in = torch.clamp(last_z, -CLIP_Z, CLIP_Z)  # the network's input is clipped, the delta's skip is not:
+    mu, sd, ab = model.forecast_columns_all(w.h, last_in, dt)
+    mu = mu + (last_z - last_in)  # a reading far out (a drifted level) is forecast from where it really is
     x_z = (x - mean) / sc  # unclipped: the likelihoods must see how far out a reading is
     comm = f("commissioning")
     n_comm = torch.where(comm >= 0, comm, s.commissioning_events)  # this device's commissioning, readings
@@ -174,6 +177,7 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
                       torch.where(dt <= 0, gap, torch.where(cnt == 1, gap_dt, gap + GAP_ALPHA * (gap_dt - gap))))
     # 6. forecast the next reading at the usual gap, back in raw units
     mu2, sd2 = model.forecast_columns(w.h, x_n, gap)
+    mu2 = mu2 + ((x - mean) / sc - x_n)  # the unclipped skip, as above
     rows = OutputRows(c)
     torch.addcmul(mean, mu2, sc, out=o_f[rows.forecast])
     torch.mul(sd2 * sc, torch.sqrt(calib), out=o_f[rows.std])

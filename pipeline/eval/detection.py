@@ -46,6 +46,7 @@ class Device:
     ts_ms: np.ndarray
     values: np.ndarray
     commissioning: int  # the first readings, assumed normal: training data and the operator's reference
+    normal: np.ndarray | None = None  # bool [n]: outside every labelled anomaly (forecast MSE only; never fitted)
 
 
 @dataclass(frozen=True)
@@ -97,14 +98,20 @@ def stream(op: LiquidOperator, devices: Sequence[Device], chunk: int = CHUNK) ->
 
 
 def forecast_mse(devices: Sequence[Device], forecasts: Sequence[np.ndarray] | None) -> float:
-    """Mean squared error of the next-reading forecasts after commissioning, each channel in units of its
-    commissioning standard deviation; ``None``: persistence (the next reading forecast as this one)."""
+    """Mean squared error of the next-reading forecasts after commissioning, on normal readings (the reading
+    and the one forecast both outside labelled anomalies: how well normal behaviour is predicted), each channel
+    in units of its commissioning standard deviation (floored at 1e-3 of its level, for flat channels);
+    ``None``: persistence (the next reading forecast as this one)."""
     errs = []
     for k, d in enumerate(devices):
-        scale = d.values[:d.commissioning].std(axis=0) + 1e-6
+        comm = d.values[:d.commissioning]
+        scale = np.maximum(comm.std(axis=0), 1e-3 * (np.abs(comm.mean(axis=0)) + 1e-3))
         pred = d.values[d.commissioning:-1] if forecasts is None else forecasts[k][d.commissioning:-1]
         err = (pred - d.values[d.commissioning + 1:]) / scale
-        errs.append(err[np.isfinite(err).all(axis=1)] ** 2)
+        keep = np.isfinite(err).all(axis=1)
+        if d.normal is not None:
+            keep &= d.normal[d.commissioning:-1] & d.normal[d.commissioning + 1:]
+        errs.append(err[keep] ** 2)
     return float(np.concatenate(errs).mean())
 
 
