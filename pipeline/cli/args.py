@@ -10,13 +10,14 @@ package, so the command table in :mod:`~liquidstream.pipeline.cli.entry` has no 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 from liquidstream.pipeline.settings import Settings
 
-__all__ = ["Command", "Handler", "device_flag", "kafka_flags", "model_flags", "non_negative_float", "non_negative_int",
-           "port", "positive_int"]
+__all__ = ["Command", "Handler", "commissioning_flag", "device_flag", "kafka_flags", "model_flags",
+           "non_negative_float", "non_negative_int", "port", "positive_int", "with_commissioning"]
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 #: ``(name, register)``: ``register(subparsers)`` adds the sub-command and returns its handler.
@@ -66,6 +67,21 @@ def model_flags(p: argparse.ArgumentParser, epochs: int) -> None:
     p.add_argument("--epochs", type=int, default=epochs)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     device_flag(p)
+
+
+def commissioning_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--commissioning", type=non_negative_int, default=None, metavar="N",
+                   help="the first N readings of every device are normal commissioning data: no alert opens "
+                        "during them and the device's statistics learn from all of them "
+                        "(LIQUIDSTREAM_OPERATOR__COMMISSIONING_EVENTS)")
+
+
+def with_commissioning(args: argparse.Namespace, settings: Settings) -> Settings:
+    """``settings`` with ``--commissioning`` applied to the operator's, when given."""
+    if getattr(args, "commissioning", None) is None:
+        return settings
+    operator = dataclasses.replace(settings.operator, commissioning_events=args.commissioning)
+    return settings.model_copy(update={"operator": operator})
 
 
 def kafka_flags(p: argparse.ArgumentParser) -> None:

@@ -20,11 +20,13 @@ from typing import Any
 from liquidstream.pipeline.cli.args import (
     Command,
     Handler,
+    commissioning_flag,
     device_flag,
     kafka_flags,
     non_negative_float,
     port,
     positive_int,
+    with_commissioning,
 )
 from liquidstream.pipeline.errors import ConfigurationError
 from liquidstream.pipeline.ops.logs import setup_logging
@@ -45,6 +47,7 @@ def register_run(sub: Any) -> Handler:
     p.add_argument("--channels", type=positive_int, default=None,
                    help=f"channels of the untrained model used without --model (default {DEFAULT_CHANNELS})")
     device_flag(p)
+    commissioning_flag(p)
     p.add_argument("--exit-when-idle", dest="exit_when_idle_s", type=non_negative_float, default=None,
                    metavar="SECONDS", help="stop (exit 0) after this long without input")
     p.add_argument("--batch-max-messages", type=positive_int, default=None)
@@ -68,6 +71,7 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     worker_id = settings.resolved_worker_id()
     setup_logging(settings, static={"worker": worker_id})
     preflight(settings)  # bad credentials: one clear line (exit 2) now, not timeouts half a minute later
+    settings = with_commissioning(args, settings)
     worker = KafkaWorker(settings, build_operator(settings, args.channels), worker_id=worker_id, serve_ops=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, worker.stop)  # finish the batch, commit it, close, exit 0

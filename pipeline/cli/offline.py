@@ -8,13 +8,19 @@ command runs, not by ``--help``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
-from liquidstream.pipeline.cli.args import Command, Handler, model_flags, non_negative_int, positive_int
+from liquidstream.pipeline.cli.args import (
+    Command,
+    Handler,
+    commissioning_flag,
+    model_flags,
+    positive_int,
+    with_commissioning,
+)
 from liquidstream.pipeline.settings import Settings
 
 __all__ = ["COMMANDS"]
@@ -34,9 +40,7 @@ def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
 def _cmd_replay(args: argparse.Namespace, settings: Settings) -> int:
     from liquidstream.pipeline.offline.replay import ReplayConfig, run_replay
 
-    if args.commissioning is not None:
-        operator = dataclasses.replace(settings.operator, commissioning_events=args.commissioning)
-        settings = settings.model_copy(update={"operator": operator})
+    settings = with_commissioning(args, settings)
     cfg = ReplayConfig(model=Path(args.model) if args.model else None, train_fraction=args.train_fraction,
                        epochs=args.epochs, cell=args.cell, hidden_size=args.hidden_size)
     summary = run_replay(settings, Path(args.input), Path(args.out), cfg, show=not args.quiet)
@@ -105,10 +109,7 @@ def register_replay(sub: Any) -> Handler:
     p.add_argument("--train-fraction", type=float, default=0.0,
                    help="train a model on the first fraction of each device's readings (by event time); those "
                         "readings are then the device's commissioning data")
-    p.add_argument("--commissioning", type=non_negative_int, default=None, metavar="N",
-                   help="the first N readings of every device are normal commissioning data: no alert opens "
-                        "during them and the device's statistics learn from all of them "
-                        "(LIQUIDSTREAM_OPERATOR__COMMISSIONING_EVENTS; --train-fraction sets it per device)")
+    commissioning_flag(p)  # --train-fraction sets it per device, to each device's training part
     model_flags(p, epochs=8)
     return _cmd_replay
 
