@@ -32,7 +32,8 @@ from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings
 from liquidstream.operators.training import Sequences, Trainer
 from liquidstream.pipeline.eval.irregular.models import build_model
 
-__all__ = ["ABLATIONS", "CHUNK", "Device", "Streamed", "forecast_mse", "run_ablations", "stream", "train_forecaster"]
+__all__ = ["ABLATIONS", "CHUNK", "Device", "Streamed", "forecast_mse", "mse_line", "run_ablations", "stream",
+           "train_forecaster"]
 
 #: Readings per device per ``process`` call (a worker's batch holds a few hundred readings per partition).
 CHUNK = 256
@@ -113,6 +114,15 @@ def forecast_mse(devices: Sequence[Device], forecasts: Sequence[np.ndarray] | No
             keep &= d.normal[d.commissioning:-1] & d.normal[d.commissioning + 1:]
         errs.append(err[keep] ** 2)
     return float(np.concatenate(errs).mean())
+
+
+def mse_line(mse: dict[str, float], rows: str) -> str:
+    """The report's forecast-MSE line: ``rows`` says which readings were scored, and in which units.
+
+    >>> mse_line({"persistence": 1.5, "cfc": 1.25}, "normal readings")
+    'forecast MSE on normal readings: persistence 1.5000, cfc 1.2500'
+    """
+    return f"forecast MSE on {rows}: " + ", ".join(f"{k} {v:.4f}" for k, v in mse.items())
 
 
 #: Each ablation: which model to serve (``trained``, ``persistence`` or ``gru``) and the operator settings.

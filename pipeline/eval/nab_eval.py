@@ -21,7 +21,7 @@ import numpy as np
 
 from liquidstream.operators import OperatorSettings
 from liquidstream.pipeline.errors import ConfigurationError
-from liquidstream.pipeline.eval.detection import ABLATIONS, Device, Streamed, run_ablations
+from liquidstream.pipeline.eval.detection import ABLATIONS, Device, Streamed, mse_line, run_ablations
 from liquidstream.pipeline.eval.nab_scoring import NabFile, load_corpus, load_profiles, score_all_profiles
 from liquidstream.pipeline.settings import Settings
 
@@ -108,6 +108,5 @@ def format_nab(report: dict[str, Any]) -> str:
                      f"{r['reward_low_fn']:7.1f}  measured here")
     for name, std, fp, fn in SCOREBOARD:
         lines.append(f"{name:34s} {std:8.1f} {fp:7.1f} {fn:7.1f}  NAB scoreboard (published)")
-    mse = ", ".join(f"{k} {v:.4f}" for k, v in report["forecast_mse"].items())
-    lines.append(f"forecast MSE on readings outside the windows after probation (probation-std units): {mse}")
+    lines.append(mse_line(report["forecast_mse"], "readings outside the windows after probation (probation-std units)"))
     return "\n".join(lines)

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from liquidstream.pipeline.eval.detection import ABLATIONS, Device, run_ablations
+from liquidstream.pipeline.eval.detection import ABLATIONS, Device, mse_line, run_ablations
 from liquidstream.pipeline.eval.peers import hst_flags, rolling_z_flags
 from liquidstream.pipeline.eval.skab import CHANNELS, LEADERBOARD, TRAIN_ROWS, Experiment, load_skab, point_scores
 from liquidstream.pipeline.settings import Settings
@@ -86,6 +86,5 @@ def format_table(report: dict[str, Any]) -> str:
                      f"{r['odd_files']['f1']:6.2f}  measured here, {r['seconds']:.0f} s")
     for name, f1, far, mar in LEADERBOARD:
         lines.append(f"{name:34s} {f1:5.2f} {far:6.2f} {mar:6.2f}  {'':7s} {'':6s}  SKAB leaderboard (published)")
-    mse = ", ".join(f"{k} {v:.4f}" for k, v in report["forecast_mse"].items())
-    lines.append(f"forecast MSE on normal readings after commissioning (commissioning-std units): {mse}")
+    lines.append(mse_line(report["forecast_mse"], "normal readings after commissioning (commissioning-std units)"))
     return "\n".join(lines)
