@@ -169,7 +169,8 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     # 5. fold the reading into the hidden state (written over the gathered rows: the old state is not read again)
     h = w.h if reset is None else w.h.masked_fill(reset.unsqueeze(1), 0.0)
     sc = scale(mean, var)
-    x_n = torch.clamp((x - mean) / sc, -CLIP_Z, CLIP_Z)
+    x_s = (x - mean) / sc  # this reading, normalised with the statistics it just taught
+    x_n = torch.clamp(x_s, -CLIP_Z, CLIP_Z)
     model.advance_columns(h, x_n, dt, out=w.h)
     gap = f("gap_ema")
     gap_dt = torch.clamp(dt, max=s.max_gap_s)
@@ -177,7 +178,7 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
                       torch.where(dt <= 0, gap, torch.where(cnt == 1, gap_dt, gap + GAP_ALPHA * (gap_dt - gap))))
     # 6. forecast the next reading at the usual gap, back in raw units
     mu2, sd2 = model.forecast_columns(w.h, x_n, gap)
-    mu2 = mu2 + ((x - mean) / sc - x_n)  # the unclipped skip, as above
+    mu2 = mu2 + (x_s - x_n)  # the unclipped skip, as above
     rows = OutputRows(c)
     torch.addcmul(mean, mu2, sc, out=o_f[rows.forecast])
     torch.mul(sd2 * sc, torch.sqrt(calib), out=o_f[rows.std])
