@@ -69,6 +69,10 @@ State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tens
 #: meaningless before that (after two readings the variance is ~0), so those targets would be clipped noise
 #: that dominates the gradient; the operator likewise raises no alert during warm-up.
 MIN_HISTORY = 10
+#: Early stopping as every offline training of the project runs it (demo, replay, train, evaluate): the last
+#: fifth of each device's readings validates, 3 epochs of patience (:meth:`Trainer.fit`).
+HOLDOUT = 0.2
+PATIENCE = 3
 
 
 def initial_state(model: Forecaster, batch: int, device: torch.device) -> State:
@@ -178,6 +182,9 @@ class Trainer:
         self.amp = bool(amp) and self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr)
         self.generator = torch.Generator().manual_seed(seed)
+        #: After an early-stopped :meth:`fit`: (epochs run, best epoch), 1-based, and each epoch's validation loss.
+        self.stopped: tuple[int, int] | None = None
+        self.validation: list[float] = []
 
     def train_step(self, values: torch.Tensor, dt: torch.Tensor, mask: torch.Tensor,
                    state: State, learn: torch.Tensor | None = None,
@@ -205,30 +212,69 @@ class Trainer:
         return float(loss.item()), detached
 
     def fit(self, seqs: Sequences, epochs: int, progress: Callable[[int, int, float], None] | None = None,
-            ) -> list[float]:
-        """Train for ``epochs`` passes (the first ``mean_warmup`` of them on squared error);
-        ``progress(done_steps, total_steps, last_loss)`` after each step."""
+            *, holdout: float = 0.0, patience: int = PATIENCE) -> list[float]:
+        """Train for at most ``epochs`` passes (the first ``mean_warmup`` of them on squared error);
+        ``progress(done_steps, total_steps, last_loss)`` after each step.  Returns each epoch's mean loss.
+
+        ``holdout`` > 0: early stopping.  The last ``holdout`` share of every device's readings is a
+        validation part: the model never learns from it (those readings are still folded into the state, as
+        serving would), and after each epoch the validation loss (the training loss on that part) is
+        measured; training stops after ``patience`` epochs without improvement and the best epoch's weights
+        are kept (:attr:`stopped` records the epochs run and the best one).  A liquid cell fitted on a short
+        commissioning run overfits it; what generalises to the readings after it is what must be kept.
+        """
+        if not 0.0 <= holdout < 1.0 or patience < 1:
+            msg = f"holdout must be in [0, 1) and patience >= 1, got {holdout!r}, {patience!r}"
+            raise InputError(msg)
         d, t = seqs.mask.shape
+        learn, val = seqs.mask, None
+        self.validation = []
+        if holdout > 0:
+            steps = torch.arange(t).unsqueeze(0)
+            cut = (seqs.mask.sum(dim=1, keepdim=True).float() * (1.0 - holdout)).floor()
+            learn, val = seqs.mask & (steps < cut), seqs.mask & (steps >= cut)
         n_batches = -(-d // self.batch_devices)
         total = epochs * n_batches * (-(-t // self.window))
         done, history = 0, []
+        best: tuple[float, int, dict[str, torch.Tensor]] | None = None
         for epoch in range(epochs):
             perm = torch.randperm(d, generator=self.generator)
             epoch_losses = []
             for b in range(n_batches):
                 sel = perm[b * self.batch_devices:(b + 1) * self.batch_devices]
-                vals, dts, mask = (x[sel].to(self.device) for x in (seqs.values, seqs.dt, seqs.mask))
+                vals, dts, mask, lrn = (x[sel].to(self.device) for x in (seqs.values, seqs.dt, seqs.mask, learn))
                 state = initial_state(self.model, len(sel), self.device)
                 for start in range(0, t, self.window):
                     w = slice(start, start + self.window)
-                    loss, state = self.train_step(vals[:, w], dts[:, w], mask[:, w], state,
+                    if val is not None and not bool(lrn[:, w].any()):
+                        break  # only validation readings from here on (each device's part is its tail)
+                    loss, state = self.train_step(vals[:, w], dts[:, w], mask[:, w], state, learn=lrn[:, w],
                                                   mean_only=epoch < self.mean_warmup)
                     epoch_losses.append(loss)
                     done += 1
                     if progress is not None:
                         progress(done, total, loss)
             history.append(float(np.mean(epoch_losses)))
+            if val is not None:
+                score = self.validation_loss(seqs, val)
+                self.validation.append(score)
+                if best is None or score < best[0]:
+                    best = (score, epoch, {k: v.detach().clone() for k, v in self.model.state_dict().items()})
+                elif epoch - best[1] >= patience:
+                    break
+        if best is not None:
+            self.model.load_state_dict(best[2])
+            self.stopped = (len(history), best[1] + 1)
         return history
+
+    @torch.no_grad()
+    def validation_loss(self, seqs: Sequences, part: torch.Tensor) -> float:
+        """The training loss (NLL plus the absolute head's squared error) per reading of ``part`` [D, T]."""
+        nll, _, terms, _ = rollout_loss(self.model, seqs.values.to(self.device), seqs.dt.to(self.device),
+                                        seqs.mask.to(self.device),
+                                        initial_state(self.model, len(seqs.device_ids), self.device),
+                                        self.stats_alpha, learn=part.to(self.device), absolute=True)
+        return float(nll) / max(float(terms), 1.0)
 
     @torch.no_grad()
     def evaluate(self, seqs: Sequences) -> dict[str, float]:

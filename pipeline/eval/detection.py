@@ -22,14 +22,18 @@ Ablations, each a full run on the same data with the same operator defaults:
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings
-from liquidstream.operators.training import Sequences, Trainer
+from liquidstream.operators.training import HOLDOUT, Sequences, Trainer
 from liquidstream.pipeline.eval.irregular.models import build_model
 
 __all__ = ["ABLATIONS", "CHUNK", "Device", "Streamed", "forecast_mse", "mse_line", "run_ablations", "stream",
@@ -72,7 +76,8 @@ def train_forecaster(devices: Sequence[Device], *, kind: str, hidden_size: int, 
     else:
         options: dict[str, object] = {"backbone_units": hidden_size} if kind == "cfc" else {}
         model = Forecaster(n_channels=c, hidden_size=hidden_size, cell=kind, cell_options=options)
-    Trainer(model, window=32, lr=3e-3, stats_alpha=stats_alpha, seed=seed, device=device).fit(seqs, epochs)
+    Trainer(model, window=32, lr=3e-3, stats_alpha=stats_alpha, seed=seed, device=device).fit(
+        seqs, epochs, holdout=HOLDOUT)
     return model.eval()
 
 
@@ -135,31 +140,61 @@ ABLATIONS: dict[str, tuple[str, Callable[[OperatorSettings], OperatorSettings]]]
 }
 
 
+def _train_job(devices: Sequence[Device], kind: str, hidden_size: int, epochs: int, stats_alpha: float,
+               device: str, seed: int, threads: int) -> Forecaster:
+    torch.set_num_threads(threads)
+    if kind == "persistence":
+        torch.manual_seed(seed)
+        return Forecaster(n_channels=devices[0].values.shape[1], hidden_size=hidden_size).eval()
+    return train_forecaster(devices, kind=kind, hidden_size=hidden_size, epochs=epochs, stats_alpha=stats_alpha,
+                            device=device, seed=seed)
+
+
+def _stream_job(model: Forecaster, settings: OperatorSettings, devices: Sequence[Device], version: str,
+                device: str, threads: int) -> Streamed:
+    torch.set_num_threads(threads)
+    op = LiquidOperator(model, settings, device=device, model_version=version)
+    op.set_commissioning([d.name for d in devices], [d.commissioning for d in devices])
+    return stream(op, devices)
+
+
 def run_ablations(devices: Sequence[Device], base: OperatorSettings, *, cell: str, hidden_size: int, epochs: int,
-                  device: str, names: Sequence[str] = tuple(ABLATIONS), seed: int = 0,
+                  device: str, names: Sequence[str] = tuple(ABLATIONS), seed: int = 0, workers: int | None = None,
                   ) -> tuple[dict[str, Streamed], dict[str, float]]:
-    """Each named ablation's stream, and the forecast MSE of every model served (and of persistence)."""
-    settings = base
-    models: dict[str, Forecaster] = {}
+    """Each named ablation's stream, and the forecast MSE of every model served (and of persistence).
 
-    def model(kind: str) -> Forecaster:
-        if kind not in models:
-            if kind == "persistence":
-                torch.manual_seed(seed)
-                models[kind] = Forecaster(n_channels=devices[0].values.shape[1], hidden_size=hidden_size).eval()
-            else:
-                models[kind] = train_forecaster(devices, kind=cell if kind == "trained" else kind,
-                                                hidden_size=hidden_size, epochs=epochs,
-                                                stats_alpha=settings.stats_alpha, device=device, seed=seed)
-        return models[kind]
-
-    runs: dict[str, Streamed] = {}
+    The trainings, then the streams, run in ``workers`` processes (default: one per CPU core, at most 4; one on
+    a GPU), each with the calling process's torch thread count, so the figures do not depend on ``workers``.
+    """
+    threads = torch.get_num_threads()
+    if workers is None:
+        workers = 1 if device != "cpu" else max(1, min(4, os.cpu_count() or 1))
+    kinds = {name: ABLATIONS[name][0] for name in names}
+    model_kind = {k: (cell if k == "trained" else k) for k in set(kinds.values())}
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) if workers > 1 else _Inline() as pool:
+        trained = {k: pool.submit(_train_job, devices, mk, hidden_size, epochs, base.stats_alpha, device, seed,
+                                  threads) for k, mk in sorted(model_kind.items())}
+        models = {k: f.result() for k, f in trained.items()}
+        futures = {name: pool.submit(_stream_job, models[kinds[name]], ABLATIONS[name][1](base), devices,
+                                     f"{name}-{kinds[name]}", device, threads) for name in names}
+        runs = {name: f.result() for name, f in futures.items()}
     mse: dict[str, float] = {"persistence": forecast_mse(devices, None)}
     for name in names:
-        kind, adjust = ABLATIONS[name]
-        op = LiquidOperator(model(kind), adjust(settings), device=device, model_version=f"{name}-{kind}")
-        op.set_commissioning([d.name for d in devices], [d.commissioning for d in devices])
-        runs[name] = stream(op, devices)
-        label = cell if kind == "trained" else kind
-        mse.setdefault(label, forecast_mse(devices, runs[name].forecast))
+        mse.setdefault(model_kind[kinds[name]], forecast_mse(devices, runs[name].forecast))
     return runs, mse
+
+
+class _Inline:
+    """A pool of one that runs each job when submitted (no process start on a GPU or a one-core box)."""
+
+    def __enter__(self) -> _Inline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any) -> Future[Any]:
+        done: Future[Any] = Future()
+        done.set_result(fn(*args))
+        return done

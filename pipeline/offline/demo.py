@@ -17,7 +17,7 @@ import torch
 
 from liquidstream.operators import Forecaster, LiquidOperator
 from liquidstream.operators.model_io import save_model
-from liquidstream.operators.training import Sequences, Trainer
+from liquidstream.operators.training import HOLDOUT, Sequences, Trainer
 from liquidstream.pipeline.eval.incidents import score_incidents
 from liquidstream.pipeline.offline.progress import Progress
 from liquidstream.pipeline.offline.report import DeviceSeries, pick_devices, plot_devices
@@ -50,7 +50,8 @@ def train_model(stream: SimulatedStream, cfg: DemoConfig, settings: Settings, sh
                       device=settings.torch_device(), seed=cfg.seed)
     start = time.perf_counter()
     with Progress("train", unit="step", enabled=show) as bar:
-        trainer.fit(seqs, cfg.epochs, progress=lambda done, total, loss: bar.update(done, total, loss=loss))
+        trainer.fit(seqs, cfg.epochs, progress=lambda done, total, loss: bar.update(done, total, loss=loss),
+                    holdout=HOLDOUT)
     return model.cpu().eval(), time.perf_counter() - start
 
 

@@ -21,7 +21,7 @@ import torch
 from liquidstream.operators import Forecaster, LiquidOperator
 from liquidstream.operators.model_io import load_model, save_model
 from liquidstream.operators.result import EventStatus
-from liquidstream.operators.training import Sequences, Trainer
+from liquidstream.operators.training import HOLDOUT, Sequences, Trainer
 from liquidstream.pipeline.errors import ConfigurationError
 from liquidstream.pipeline.offline.progress import Progress
 from liquidstream.pipeline.settings import Settings
@@ -67,7 +67,8 @@ def train_model(batch: DecodedBatch, n_channels: int, settings: Settings, *, cel
     trainer = Trainer(model, window=32, lr=2e-3, stats_alpha=settings.operator.stats_alpha,
                       device=settings.torch_device())
     with Progress("train", unit="step", enabled=show) as bar:
-        trainer.fit(seqs, epochs, progress=lambda done, total, loss: bar.update(done, total, loss=loss))
+        trainer.fit(seqs, epochs, progress=lambda done, total, loss: bar.update(done, total, loss=loss),
+                    holdout=HOLDOUT)
     return model.cpu().eval()
 
 

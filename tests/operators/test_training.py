@@ -98,6 +98,34 @@ def test_training_reduces_loss_on_sinusoids() -> None:
     assert after["nll"] < before["nll"] - 0.1 and after["mse"] < before["mse"]
 
 
+def test_early_stopping_keeps_the_best_epoch_and_never_learns_from_the_validation_part() -> None:
+    ids, ts, vals = sinusoids(8, 80, 2, seed=3)
+    seqs = Sequences.from_columns(ids, ts, vals)
+
+    def trained(values: torch.Tensor, epochs: int, patience: int = 2) -> Trainer:
+        torch.manual_seed(0)
+        trainer = Trainer(Forecaster(n_channels=2, hidden_size=12, cell="cfc", head_units=24), lr=3e-2, window=20,
+                          batch_devices=8, stats_alpha=0.05, seed=0)
+        trainer.fit(Sequences(seqs.device_ids, values, seqs.dt, seqs.mask), epochs, holdout=0.25,
+                    patience=patience)
+        return trainer
+
+    long = trained(seqs.values, epochs=12)
+    runs, best = long.stopped or (0, 0)
+    assert len(long.validation) == runs and 1 <= best <= runs <= 12
+    assert long.validation[best - 1] == min(long.validation)
+    assert runs == 12 or runs - best == 2, "stops after `patience` epochs without improvement"
+    assert long.validation_loss(seqs, seqs.mask & (torch.arange(80) >= 60)) == pytest.approx(min(long.validation))
+    # One epoch on data whose last quarter (the validation part) is replaced: the same weights.
+    noisy = seqs.values.clone()
+    noisy[:, 60:] = 100.0 * torch.randn(noisy[:, 60:].shape)
+    a, b = trained(seqs.values, epochs=1), trained(noisy, epochs=1)
+    for (name, pa), pb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(pa, pb), name
+    with pytest.raises(InputError):
+        a.fit(seqs, 1, holdout=1.0)
+
+
 def test_train_step_returns_detached_state_and_updates() -> None:
     torch.manual_seed(1)
     model = Forecaster(n_channels=2, hidden_size=6, cell="liquid", head_units=8)
