@@ -16,6 +16,7 @@ All quantities inside are in per-device normalised units (see :mod:`liquidstream
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -59,13 +60,16 @@ class Forecaster(nn.Module):
 
     def __init__(self, n_channels: int, hidden_size: int = 64, cell: str = "cfc",
                  cell_options: dict[str, object] | None = None, head_units: int = 64,
-                 min_std: float = 0.05, absolute_head: bool = True) -> None:
+                 min_std: float = 0.05, absolute_head: bool = True, time_scale_s: float = 1.0) -> None:
         super().__init__()
         if n_channels < 1 or hidden_size < 1 or head_units < 1:
             msg = f"n_channels, hidden_size and head_units must be >= 1, got {n_channels}, {hidden_size}, {head_units}"
             raise ConfigError(msg)
         if not min_std > 0:
             msg = f"min_std must be > 0, got {min_std}"
+            raise ConfigError(msg)
+        if not (math.isfinite(time_scale_s) and time_scale_s > 0):
+            msg = f"time_scale_s must be a finite number of seconds > 0, got {time_scale_s}"
             raise ConfigError(msg)
         self.n_channels = n_channels
         self.hidden_size = hidden_size
@@ -74,6 +78,13 @@ class Forecaster(nn.Module):
         self.head_units = head_units
         self.min_std = min_std
         self.absolute_head = bool(absolute_head)
+        #: The model's unit of time, seconds: the cell and the head see every gap as ``dt / time_scale_s``.
+        #: A cell's gates and time constants are initialised for gaps of about one unit (a CfC gate is
+        #: ``sigmoid(a * t + b)`` with ``a`` of order 1), so a 5-minute or hourly stream measured in seconds
+        #: saturates them and trains badly; training sets it to the typical gap of its data
+        #: (:meth:`~liquidstream.operators.training.Sequences.typical_gap_s`).  Gaps stay real: a gap twice
+        #: as long advances the state twice as far.
+        self.time_scale_s = float(time_scale_s)
         self.cell = build_cell(cell, input_size=n_channels + 1, hidden_size=hidden_size, **self.cell_options)
         # Last layer outputs: correction [0, C) | spread [C, 2C) | absolute forecast [2C, 3C) (with absolute_head).
         outputs = (3 if self.absolute_head else 2) * n_channels
@@ -90,12 +101,13 @@ class Forecaster(nn.Module):
     def config(self) -> dict[str, object]:
         return {"n_channels": self.n_channels, "hidden_size": self.hidden_size, "cell": self.cell_kind,
                 "cell_options": self.cell_options, "head_units": self.head_units, "min_std": self.min_std,
-                "absolute_head": self.absolute_head}
+                "absolute_head": self.absolute_head, "time_scale_s": self.time_scale_s}
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Forecaster:
         """The architecture :meth:`config` describes.  A config written before ``absolute_head`` existed
-        (no such key) describes a model without it, so its saved weights still load.
+        (no such key) describes a model without it, so its saved weights still load; one written before
+        ``time_scale_s`` measured time in seconds (scale 1).
 
         >>> Forecaster.from_config({"n_channels": 2, "hidden_size": 4}).absolute_head
         False
@@ -105,9 +117,14 @@ class Forecaster(nn.Module):
     def initial_state(self, batch: int, device: torch.device | str | None = None) -> torch.Tensor:
         return torch.zeros(batch, self.hidden_size, device=device)
 
+    def model_time(self, dt: torch.Tensor) -> torch.Tensor:
+        """Gaps in seconds as the cell and head see them (units of ``time_scale_s``)."""
+        return dt if self.time_scale_s == 1.0 else dt / self.time_scale_s
+
     def advance(self, h: torch.Tensor, x: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         """Hidden state after reading ``x`` [B, C] arrived ``dt`` [B] seconds after the previous one."""
-        h_new: torch.Tensor = self.cell(torch.cat([x, _dt_feature(dt)], dim=1), h, dt)
+        t = self.model_time(dt)
+        h_new: torch.Tensor = self.cell(torch.cat([x, _dt_feature(t)], dim=1), h, t)
         return h_new
 
     def forecast(self, h: torch.Tensor, x_last: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +136,7 @@ class Forecaster(nn.Module):
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """:meth:`forecast` plus the absolute forecast [B, C] of the same reading (None without
         ``absolute_head``), all from one pass of the head."""
-        out = self.head(torch.cat([h, x_last, _dt_feature(dt)], dim=1))
+        out = self.head(torch.cat([h, x_last, _dt_feature(self.model_time(dt))], dim=1))
         c = self.n_channels
         std = self.min_std + F.softplus(out[:, c:2 * c] + 0.5413)  # softplus(0.5413) = 1: unit std at init
         return x_last + out[:, :c], std, out[:, 2 * c:3 * c] if self.absolute_head else None
@@ -127,12 +144,13 @@ class Forecaster(nn.Module):
     def advance_columns(self, h: torch.Tensor, x: torch.Tensor, dt: torch.Tensor, out: torch.Tensor) -> None:
         """:meth:`advance` in the step operator's layout: ``x`` [C, B] channels first, ``h`` and ``out`` [B, H]
         rows (any row stride; ``out`` receives the new state)."""
-        xd = _features_columns(x, dt)
+        t = self.model_time(dt)
+        xd = _features_columns(x, t)
         cell = self.cell
         if isinstance(cell, CfCCell) and cell.serves_columns():
-            cell.serve_columns(xd, h, dt, out)
+            cell.serve_columns(xd, h, t, out)
         else:
-            out.copy_(cell(xd[:-1].t(), h, dt))
+            out.copy_(cell(xd[:-1].t(), h, t))
 
     def forecast_columns(self, h: torch.Tensor, x_last: torch.Tensor,
                          dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,14 +174,15 @@ class Forecaster(nn.Module):
             first.weight[:, :n_h].contiguous(), torch.cat([first.weight[:, n_h:], first.bias.unsqueeze(1)], dim=1),
             last.bias.unsqueeze(1)])
         a = torch.mm(w_h, h.t())
-        a.addmm_(w_x, _features_columns(x_last, dt))
+        a.addmm_(w_x, _features_columns(x_last, self.model_time(dt)))
         out = torch.addmm(b_out, last.weight, F.silu(a, inplace=True))  # [2C or 3C, B]: one matmul for all heads
         std = self.min_std + F.softplus(out[c:2 * c] + 0.5413)
         return x_last + out[:c], std, out[2 * c:3 * c] if self.absolute_head else None
 
     def time_constants(self, x: torch.Tensor, h: torch.Tensor, dt: torch.Tensor) -> torch.Tensor:
         """Effective time constant per neuron in seconds, for interpretability."""
-        return self.cell.time_constants(torch.cat([x, _dt_feature(dt)], dim=1), h)
+        tau: torch.Tensor = self.cell.time_constants(torch.cat([x, _dt_feature(self.model_time(dt))], dim=1), h)
+        return tau * self.time_scale_s
 
 
 def gaussian_nll(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -62,6 +62,17 @@ class Sequences:
         mask[inv_s, step] = True
         return cls([str(u) for u in uniq], torch.from_numpy(vals), torch.from_numpy(dts), torch.from_numpy(mask))
 
+    def typical_gap_s(self) -> float:
+        """Median gap between a device's consecutive readings, seconds (1.0 when there is none): the time unit
+        a model trained on these sequences should use (:attr:`Forecaster.time_scale_s`).
+
+        >>> Sequences.from_columns(["a"] * 4, np.array([0, 300_000, 600_000, 1_200_000]),
+        ...                        np.zeros((4, 1), np.float32)).typical_gap_s()
+        300.0
+        """
+        gaps = self.dt[self.mask & (self.dt > 0)]
+        return float(gaps.median()) if gaps.numel() else 1.0
+
 
 State = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 

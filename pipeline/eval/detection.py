@@ -73,9 +73,11 @@ def train_forecaster(devices: Sequence[Device], *, kind: str, hidden_size: int, 
     c = devices[0].values.shape[1]
     if kind == "gru":
         model = build_model("gru", c, hidden_size, absolute_head=True)
+        model.time_scale_s = seqs.typical_gap_s()
     else:
         options: dict[str, object] = {"backbone_units": hidden_size} if kind == "cfc" else {}
-        model = Forecaster(n_channels=c, hidden_size=hidden_size, cell=kind, cell_options=options)
+        model = Forecaster(n_channels=c, hidden_size=hidden_size, cell=kind, cell_options=options,
+                           time_scale_s=seqs.typical_gap_s())
     Trainer(model, window=32, lr=3e-3, stats_alpha=stats_alpha, seed=seed, device=device).fit(
         seqs, epochs, holdout=HOLDOUT)
     return model.eval()

@@ -44,8 +44,9 @@ def train_model(stream: SimulatedStream, cfg: DemoConfig, settings: Settings, sh
     """Train a fresh forecaster on ``stream``; returns it and the training wall time in seconds."""
     torch.manual_seed(cfg.seed)
     options: dict[str, object] = {"backbone_units": cfg.hidden_size} if cfg.cell == "cfc" else {}
-    model = Forecaster(n_channels=cfg.channels, hidden_size=cfg.hidden_size, cell=cfg.cell, cell_options=options)
     seqs = Sequences.from_columns(list(stream.device_ids), stream.ts_ms, stream.values)
+    model = Forecaster(n_channels=cfg.channels, hidden_size=cfg.hidden_size, cell=cfg.cell, cell_options=options,
+                       time_scale_s=seqs.typical_gap_s())
     trainer = Trainer(model, window=32, batch_devices=256, lr=2e-3, stats_alpha=settings.operator.stats_alpha,
                       device=settings.torch_device(), seed=cfg.seed)
     start = time.perf_counter()

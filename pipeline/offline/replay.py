@@ -62,8 +62,9 @@ def read_jsonl(path: Path, settings: Settings, n_channels: int | None) -> tuple[
 def train_model(batch: DecodedBatch, n_channels: int, settings: Settings, *, cell: str, hidden_size: int,
                 epochs: int, show: bool) -> Forecaster:
     options: dict[str, object] = {"backbone_units": hidden_size} if cell == "cfc" else {}
-    model = Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell=cell, cell_options=options)
     seqs = Sequences.from_columns(batch.device_ids, batch.ts_ms, batch.values)
+    model = Forecaster(n_channels=n_channels, hidden_size=hidden_size, cell=cell, cell_options=options,
+                       time_scale_s=seqs.typical_gap_s())
     trainer = Trainer(model, window=32, lr=2e-3, stats_alpha=settings.operator.stats_alpha,
                       device=settings.torch_device())
     with Progress("train", unit="step", enabled=show) as bar:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings
-from liquidstream.operators.errors import InputError
+from liquidstream.operators.errors import ConfigError, InputError
 from liquidstream.operators.training import MIN_HISTORY, Sequences, Trainer, initial_state, rollout_loss
 
 T0 = 1_700_000_000_000
@@ -228,3 +228,34 @@ def test_absolute_head_trains_jointly_and_evaluation_reports_the_delta_forecast_
     with torch.no_grad():
         plain = rollout_loss(*args)
     assert Trainer(model).evaluate(seqs)["nll"] == pytest.approx(float(plain[0] / plain[2]), rel=1e-5)
+
+
+@pytest.mark.parametrize("cell", ["cfc", "liquid", "ltc"])
+def test_time_scale_is_the_models_unit_of_time(cell: str) -> None:
+    """A model with a 300 s time unit is the same function of gaps in units of 300 s, on every path the
+    operator uses (rows and channels-first), and keeps its unit through save and load."""
+    torch.manual_seed(0)
+    scaled = Forecaster(n_channels=2, hidden_size=8, cell=cell, time_scale_s=300.0)
+    plain = Forecaster(n_channels=2, hidden_size=8, cell=cell)
+    plain.load_state_dict(scaled.state_dict())
+    h, x = torch.randn(3, 8), torch.randn(3, 2)
+    dt = torch.tensor([300.0, 900.0, 30.0])
+    with torch.no_grad():
+        torch.testing.assert_close(scaled.advance(h, x, dt), plain.advance(h, x, dt / 300))
+        for a, b in zip(scaled.forecast_all(h, x, dt), plain.forecast_all(h, x, dt / 300), strict=True):
+            torch.testing.assert_close(a, b)
+        out_s, out_p = torch.empty(3, 8), torch.empty(3, 8)
+        scaled.advance_columns(h, x.t().contiguous(), dt, out_s)
+        plain.advance_columns(h, x.t().contiguous(), dt / 300, out_p)
+        torch.testing.assert_close(out_s, out_p)
+        torch.testing.assert_close(scaled.time_constants(x, h, dt), 300.0 * plain.time_constants(x, h, dt / 300))
+    assert Forecaster.from_config(scaled.config()).time_scale_s == 300.0
+    assert Forecaster.from_config({"n_channels": 2, "hidden_size": 4}).time_scale_s == 1.0  # older models: seconds
+    with pytest.raises(ConfigError):
+        Forecaster(n_channels=1, time_scale_s=0.0)
+
+
+def test_training_sets_the_time_unit_from_its_data() -> None:
+    ids, ts, vals = sinusoids(3, 20, 1, seed=4)
+    seqs = Sequences.from_columns(ids, ts * 300, vals)  # the same stream sampled 300 times slower
+    assert seqs.typical_gap_s() == pytest.approx(300 * Sequences.from_columns(ids, ts, vals).typical_gap_s())
