@@ -14,9 +14,11 @@ block above each field in the source (a field right below another without a comm
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import re
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,7 +26,7 @@ from pydantic import BaseModel
 
 from liquidstream.pipeline.settings import Settings
 
-__all__ = ["SettingRow", "field_comments", "setting_rows", "settings_markdown"]
+__all__ = ["SettingRow", "field_comments", "setting_rows", "settings_markdown", "unknown_variables"]
 
 _FIELD = re.compile(r"^    (\w+)\s*:\s*[^=]+?(?:=\s*(.*?))?\s*(?:#\s*(.*))?$")
 _UNITS = (("_ms", "ms"), ("_s", "s"), ("_bytes", "bytes"), ("_port", "TCP port"), ("_events", "readings"),
@@ -133,3 +135,23 @@ def settings_markdown() -> str:
             "", "| variable | type | default | unit | meaning |", "| --- | --- | --- | --- | --- |"]
     body = [f"| `{r.variable}` | {r.type} | {r.default} | {r.unit} | {r.meaning} |" for r in setting_rows()]
     return "\n".join([*head, *body]) + "\n"
+
+
+def unknown_variables(environ: Mapping[str, str], prefix: str = "LIQUIDSTREAM_") -> list[str]:
+    """One warning per ``LIQUIDSTREAM_*`` variable that names no setting (pydantic-settings ignores them
+    silently), with the closest valid name.
+
+    >>> unknown_variables({"LIQUIDSTREAM_BOOTSTRAP_SERVERS": "k:9092", "LIQUIDSTREAM_GROUP_ID": "g", "PATH": "/"})
+    ['LIQUIDSTREAM_BOOTSTRAP_SERVERS is not a setting and is ignored; did you mean LIQUIDSTREAM_BOOTSTRAP?']
+    """
+    rows = [r.variable for r in setting_rows()]
+    known = set(rows) | {f"{prefix}{name.upper()}" for name in Settings.model_fields}  # nested objects as JSON
+    out = []
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(prefix) or upper in known:
+            continue
+        close = difflib.get_close_matches(upper, rows, n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]}?" if close else "see `liquidstream settings` for every setting"
+        out.append(f"{name} is not a setting and is ignored; {hint}")
+    return out

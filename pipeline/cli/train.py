@@ -57,25 +57,30 @@ def _positive_float(text: str) -> float:
 def register(sub: Any) -> Handler:
     p = sub.add_parser("train-worker", help="fine-tune the forecaster on the live readings; publish signed updates")
     kafka_flags(p)
-    p.add_argument("--input-topic", default=None)
+    p.add_argument("--input-topic", default=None, help="topic of the readings it learns from")
     p.add_argument("--group-id", default=None, help="serving group (the trainer's own group defaults to "
                                                    "<group-id>-trainer)")
-    p.add_argument("--trainer-group-id", default=None, help="the trainer's consumer group")
+    p.add_argument("--trainer-group-id", default=None, help="the trainer's consumer group (default: "
+                                                            "<group-id>-trainer)")
     p.add_argument("--model-updates-topic", default=None, help="compacted topic of signed updates "
                                                                "(default model-updates)")
     p.add_argument("--model-lineage", default=None, help="record key of this model line (default forecaster)")
-    p.add_argument("--model", default=None, help="starting model (model.pt) when the topic has none")
+    p.add_argument("--model", default=None,
+                   help="starting model (model.pt) when the topic has none (default: LIQUIDSTREAM_MODEL, else an "
+                        "untrained one)")
     p.add_argument("--channels", type=positive_int, default=None,
                    help=f"channels of the untrained model used without any model (default {DEFAULT_CHANNELS})")
     device_flag(p)
     p.add_argument("--interval", dest="trainer_interval_s", type=_positive_float, default=None, metavar="SECONDS",
                    help="seconds between candidate trainings (LIQUIDSTREAM_TRAINER_INTERVAL_S, default 60)")
-    p.add_argument("--max-updates", type=positive_int, default=None, help="exit 0 after publishing this many")
+    p.add_argument("--max-updates", type=positive_int, default=None,
+                   help="exit 0 after publishing this many (default: no limit)")
     p.add_argument("--exit-when-idle", "--exit-when-idle-s", dest="exit_when_idle_s", type=non_negative_float,
                    default=None, metavar="SECONDS", help="stop (exit 0) after this long without input")
-    p.add_argument("--batch-max-messages", type=positive_int, default=None)
+    p.add_argument("--batch-max-messages", type=positive_int, default=None, help="readings per batch at most")
     p.add_argument("--batch-max-ms", type=positive_int, default=None, help="ms to wait filling a batch")
-    p.add_argument("--worker-id", default=None, help="identity of this trainer in records and logs")
+    p.add_argument("--worker-id", default=None, help="identity of this trainer in records and logs (default: "
+                                                    "host name + pid)")
     p.add_argument("--metrics-port", type=port, default=None, help="port of /metrics, /healthz, /readyz")
     return _cmd_train_worker
 

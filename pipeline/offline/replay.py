@@ -12,7 +12,6 @@ holds (long shape: ``lines = assembled + invalid``, one prediction per assembled
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +25,10 @@ from liquidstream.operators.result import EventStatus
 from liquidstream.operators.training import Sequences, Trainer
 from liquidstream.pipeline.errors import ConfigurationError
 from liquidstream.pipeline.offline.progress import Progress
-from liquidstream.pipeline.serving import check_mapping, open_model
+from liquidstream.pipeline.offline.readings import read_jsonl
+from liquidstream.pipeline.serving import open_model
 from liquidstream.pipeline.settings import Settings
-from liquidstream.pipeline.wire.assembly import assemble_long
-from liquidstream.pipeline.wire.codec import DecodedBatch, DecodeLimits, decode_batch
+from liquidstream.pipeline.wire.codec import DecodedBatch
 from liquidstream.pipeline.wire.records import alert_records, prediction_records
 
 
@@ -40,49 +39,6 @@ class ReplayConfig:
     epochs: int = 8
     cell: str = "cfc"
     hidden_size: int = 32
-
-
-def _guess_channels(lines: list[bytes]) -> int:
-    """Channel count of the first line that parses as a reading (the replay's reference length)."""
-    for raw in lines:
-        try:
-            doc = json.loads(raw)
-        except ValueError:
-            continue
-        if isinstance(doc, dict) and isinstance(doc.get("values"), list) and doc["values"]:
-            return len(doc["values"])
-    msg = "no line of the input holds a reading with a non-empty 'values' list"
-    raise ConfigurationError(msg)
-
-
-def read_lines(path: Path, flag: str = "--input") -> list[bytes]:
-    """The lines of an input file; a missing or unreadable one is a :class:`ConfigurationError` naming ``flag``."""
-    try:
-        return path.read_bytes().splitlines()
-    except FileNotFoundError:
-        msg = f"{flag} {path}: no such file (give a JSONL file of readings, e.g. from `liquidstream simulate --out`)"
-    except IsADirectoryError:
-        msg = f"{flag} {path}: is a folder; give a JSONL file of readings"
-    except OSError as ex:
-        msg = f"{flag} {path}: cannot read it ({ex.strerror})"
-    raise ConfigurationError(msg)
-
-
-def read_jsonl(path: Path, settings: Settings, n_channels: int | None) -> tuple[DecodedBatch, int, int]:
-    """Decode every line; returns the batch (``index`` = 0-based line numbers), the channel count and, for the long
-    shape, how many lines went into assembled readings (else the number of valid lines)."""
-    lines = read_lines(path)
-    fixed = settings.mapping.n_channels
-    if n_channels is not None:
-        check_mapping(settings, n_channels, "the model")
-    c = n_channels or fixed or _guess_channels(lines)
-    limits = DecodeLimits.from_settings(settings, c)
-    now_ms = int(time.time() * 1000)
-    if settings.mapping.shape == "long":
-        batch, assembled = assemble_long(lines, None, limits, now_ms)
-        return batch, c, assembled
-    batch = decode_batch(lines, None, limits, now_ms)
-    return batch, c, len(batch)
 
 
 def train_model(batch: DecodedBatch, n_channels: int, settings: Settings, *, cell: str, hidden_size: int,
