@@ -42,7 +42,8 @@ def open_model(path: Path, device: str = "cpu", flag: str = "--model") -> tuple[
         return load_model(path, device)
     except ModelFormatError as ex:
         cause = ex.__cause__ if ex.__cause__ is not None else ex
-        msg = f"{flag} {path}: not a model saved by liquidstream ({type(cause).__name__}: {cause}); {fix}"
+        first = (str(cause).strip().splitlines() or [""])[0][:160]  # torch's own text runs over many lines
+        msg = f"{flag} {path}: not a model saved by liquidstream ({type(cause).__name__}: {first}); {fix}"
         raise ConfigurationError(msg) from ex
 
 

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import inspect
 import re
+import textwrap
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ def field_comments(cls: type) -> dict[str, str]:
     out: dict[str, str] = {}
     block: list[str] = []
     previous: str | None = None  # the last field, while no blank line or comment separates it from the next
-    for line in inspect.getsource(cls).splitlines():
+    for line in textwrap.dedent(inspect.getsource(cls)).splitlines():
         stripped = line.strip()
         if stripped.startswith("#:"):
             block.append(stripped[2:].strip())

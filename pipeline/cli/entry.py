@@ -56,7 +56,8 @@ def _one_line(ex: pydantic.ValidationError) -> str:
     parts = []
     for err in ex.errors():
         name = "LIQUIDSTREAM_" + "__".join(str(p).upper() for p in err["loc"]) if err["loc"] else "settings"
-        parts.append(f"{name}: {err['msg']} (got {str(err.get('input'))[:60]!r})")
+        text = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{name}: {text} (got {str(err.get('input'))[:60]!r})")
     return "; ".join(parts)
 
 

@@ -3,7 +3,8 @@
 A reading is emitted once every channel of ``channel_fields`` arrived for its device and time (in any order, other
 devices' messages in between); it then meets the same checks as any reading, and a failure dead-letters each of
 its messages with that reason.  A partial reading is never emitted (the model needs every channel): a repeated
-channel of a device and time is a ``duplicate`` dead letter (the first value counts), and the channels still
+channel of a device and time (before or after its reading was emitted) is a ``duplicate`` dead letter (the first
+value counts), and the channels still
 waiting when the input ends are ``incomplete`` dead letters, one per message.  Each message is thus either part
 of an emitted reading or dead-lettered: ``messages = assembled + rejected``.
 
@@ -24,6 +25,7 @@ yet (an assembly spanning batches needs its pending channels in the changelog an
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,9 +48,12 @@ def assemble_long(payloads: Sequence[bytes | None], keys: Sequence[bytes | None]
     if mapping.shape != "long":
         msg = f"assemble_long reads the long shape, not {mapping.shape!r}"
         raise DecodeError(msg)
+    if keys is None and limits.require_key:
+        limits = dataclasses.replace(limits, require_key=False)  # no keys at all (a file): nothing to require
     n = len(mapping.channel_fields)
     min_ts, max_ts = limits.ts_min_ms, now_ms + limits.max_future_ms
     pending: dict[tuple[Any, int], tuple[list[Any], list[int]]] = {}
+    done: set[tuple[Any, int]] = set()  # device and time of every reading assembled (a repeat is a duplicate)
     rows: list[tuple[int, str, int, list[Any]]] = []
     rejects: list[Reject] = []
     assembled = 0
@@ -58,6 +63,9 @@ def assemble_long(payloads: Sequence[bytes | None], keys: Sequence[bytes | None]
             device, ts, j, value = long_part(mapping, load_payload(payload, limits), key)
             if not isinstance(device, str | int | float):  # unhashable: the reading check words it
                 check_reading({"device_id": device, "ts": ts, "values": [value]}, None, limits, min_ts, max_ts)
+            if (device, ts) in done:
+                detail = f"device {device!r:.64} at ts {ts}: its reading was already assembled and emitted"
+                raise Rejected(DeadLetterReason.DUPLICATE, detail)
             values, where = pending.setdefault((device, ts), ([None] * n, [-1] * n))
             if where[j] >= 0:
                 detail = f"channel {mapping.channel_fields[j]!r} of device {device!r:.64} at ts {ts} was already read"
@@ -69,9 +77,10 @@ def assemble_long(payloads: Sequence[bytes | None], keys: Sequence[bytes | None]
         if min(where) < 0:
             continue
         del pending[(device, ts)]
+        done.add((device, ts))
         try:
             reading = {"device_id": device, "ts": ts, "values": values, "channels": list(mapping.channel_fields)}
-            device_id, ts_ms, vals, _ = check_reading(reading, None, limits, min_ts, max_ts)
+            device_id, ts_ms, vals, _ = check_reading(reading, key, limits, min_ts, max_ts)
             bad = non_finite_detail(vals)
             if bad is not None:
                 raise Rejected(DeadLetterReason.NON_FINITE, bad)
