@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 from collections.abc import Callable
 from typing import Any
 
+from liquidstream.pipeline.errors import ConfigurationError
 from liquidstream.pipeline.settings import Settings
 
 __all__ = ["Command", "DefaultsFormatter", "Handler", "commissioning_flag", "device_flag", "fraction", "kafka_flags",
            "mapping_flags", "model_flags", "non_negative_float", "non_negative_int", "port", "positive_float",
-           "positive_int",
-           "with_commissioning"]
+           "positive_int", "require_extra", "with_commissioning"]
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 #: ``(name, register)``: ``register(subparsers)`` adds the sub-command and returns its handler.
@@ -145,3 +146,10 @@ def with_commissioning(args: argparse.Namespace, settings: Settings) -> Settings
 
 def kafka_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", default=None, help="Kafka bootstrap servers, host:port[,host:port]")
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """A clear error when an optional dependency (a package extra) is not installed: the worker needs none."""
+    if importlib.util.find_spec(module) is None:
+        msg = f"{what} needs {module}, which is not installed: pip install 'liquidstream[{extra}]'"
+        raise ConfigurationError(msg)

@@ -22,6 +22,7 @@ from liquidstream.pipeline.cli.args import (
     model_flags,
     positive_float,
     positive_int,
+    require_extra,
     with_commissioning,
 )
 from liquidstream.pipeline.settings import Settings
@@ -30,6 +31,7 @@ __all__ = ["COMMANDS"]
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
+    require_extra("matplotlib", "plot", "`liquidstream demo` (its plot.png)")
     from liquidstream.pipeline.offline.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(devices=args.devices, duration_s=args.duration_s, seed=args.seed, cell=args.cell,
@@ -76,6 +78,8 @@ def _cmd_train(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    if not args.no_peers and args.benchmark != "nab":
+        require_extra("river", "eval", f"`liquidstream evaluate {args.benchmark}` with its River peers (or --no-peers)")
     if args.benchmark == "irregular":
         from liquidstream.pipeline.eval.irregular.study import IRREGULAR_EPOCHS, evaluate_irregular, format_irregular
 

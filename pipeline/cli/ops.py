@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from liquidstream.pipeline.cli.args import Command, Handler, mapping_flags, positive_int
+from liquidstream.pipeline.cli.args import Command, Handler, mapping_flags, positive_int, require_extra
 from liquidstream.pipeline.errors import ConfigurationError
 from liquidstream.pipeline.settings import Settings
 
@@ -49,6 +49,7 @@ def _existing(flag: str, value: str) -> Path:
 
 
 def _cmd_report(args: argparse.Namespace, settings: Settings) -> int:
+    require_extra("matplotlib", "plot", "`liquidstream report`")
     from liquidstream.pipeline.offline.readings import read_jsonl
     from liquidstream.pipeline.offline.report import device_ids_of, load_series, pick_devices, plot_devices
 
