@@ -34,6 +34,7 @@ from liquidstream.pipeline.errors import ConfigurationError
 from liquidstream.pipeline.ops.logs import setup_logging
 from liquidstream.pipeline.serving import DEFAULT_CHANNELS
 from liquidstream.pipeline.settings import Settings
+from liquidstream.pipeline.wire.checks import LONG_SHAPE_FILES_ONLY
 
 log = logging.getLogger("liquidstream")
 
@@ -74,10 +75,8 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     from liquidstream.pipeline.ops.health import preflight
     from liquidstream.pipeline.serving import build_operator
 
-    if settings.mapping.shape == "long":
-        msg = ("the long input shape is read by `replay` and `train` only so far, not by the worker; reshape the "
-               "topic to the wide shape (one message per device and time) for `run`")
-        raise ConfigurationError(msg)
+    if settings.mapping.shape == "long":  # checked by every consumer of a topic; here before the model loads
+        raise ConfigurationError(LONG_SHAPE_FILES_ONLY)
     worker_id = settings.resolved_worker_id()
     setup_logging(settings, static={"worker": worker_id})
     settings = with_commissioning(args, settings)

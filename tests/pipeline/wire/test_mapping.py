@@ -155,3 +155,12 @@ def test_mapping_comes_from_the_environment_and_flags_override_it(monkeypatch: p
     assert (settings.mapping.shape, settings.mapping.device_field) == ("wide", "@key")
     with pytest.raises(ValidationError):
         run_replay(Settings(mapping={"shape": "sideways"}), Path("x"), Path("y"), ReplayConfig(), show=False)
+
+
+def test_consumers_of_a_topic_refuse_the_long_shape_with_one_line() -> None:
+    from liquidstream.pipeline.errors import ConfigurationError
+
+    settings = Settings(mapping={"shape": "long", "channel_fields": ["a", "b"]})
+    with pytest.raises(ConfigurationError, match="long input shape is read by `replay` and `train` only"):
+        DecodeLimits.from_settings(settings, 2)  # the worker, the faust app and the trainer build theirs so
+    assert DecodeLimits.from_settings(settings, 2, stream=False).mapping.shape == "long"  # files
