@@ -33,6 +33,7 @@ from liquidstream.pipeline.errors import ConfigurationError, PipelineError, Trai
 from liquidstream.pipeline.ops.logs import setup_logging
 from liquidstream.pipeline.serving import DEFAULT_CHANNELS
 from liquidstream.pipeline.settings import Settings
+from liquidstream.pipeline.wire.checks import LONG_SHAPE_FILES_ONLY
 
 if TYPE_CHECKING:  # torch is imported only when the command runs, not by `--help`
     from liquidstream.operators.forecaster import Forecaster
@@ -91,13 +92,13 @@ def starting_point(settings: Settings, channels: int | None, key: bytes) -> tupl
     from confluent_kafka.admin import AdminClient
 
     from liquidstream.operators import Forecaster
-    from liquidstream.operators.model_io import load_model
+    from liquidstream.pipeline.serving import open_model
     from liquidstream.pipeline.updates.gate import UpdateGate
     from liquidstream.pipeline.updates.topic import ensure_updates_topic, read_latest, updates_consumer
 
     base, version = None, "untrained"
     if settings.model is not None:
-        base, doc = load_model(settings.model)
+        base, doc = open_model(settings.model)
         version = str(doc["version"])
     try:
         ensure_updates_topic(AdminClient(settings.kafka_client_config()), settings.model_updates_topic)
@@ -155,6 +156,7 @@ def _serve_ops(settings: Settings, ready: ReadyCheck) -> tuple[Metrics, Health, 
 def _cmd_train_worker(args: argparse.Namespace, settings: Settings) -> int:
     from liquidstream.operators.online.learner import OnlineLearner
     from liquidstream.pipeline.ops.health import preflight
+    from liquidstream.pipeline.serving import open_model
     from liquidstream.pipeline.updates.record import signing_key
     from liquidstream.pipeline.updates.trainer import EXIT_FENCED, TrainWorker
 
@@ -164,6 +166,11 @@ def _cmd_train_worker(args: argparse.Namespace, settings: Settings) -> int:
     if key is None:
         msg = "train-worker needs LIQUIDSTREAM_MODEL_SIGNING_KEY: it publishes signed updates only"
         raise ConfigurationError(msg)
+    if settings.mapping.shape == "long":
+        raise ConfigurationError(LONG_SHAPE_FILES_ONLY)
+    device = settings.torch_device()  # --device cuda without a GPU: one line now, not after connecting
+    if settings.model is not None:
+        open_model(settings.model)  # a missing or bad --model: one line now, before any connection
     preflight(settings)
     try:
         publisher, model, version, seq = fenced_start(settings, args.channels, key)
@@ -171,7 +178,6 @@ def _cmd_train_worker(args: argparse.Namespace, settings: Settings) -> int:
         log.error("trainer stopping: %s", ex)
         print(f"liquidstream train-worker: error: {ex}", file=sys.stderr)
         return EXIT_FENCED
-    device = settings.torch_device()
     learner = OnlineLearner(model, settings.operator, settings.online, device=device, model_version=version)
     log.info("trainer on %s: model version %s, next seq %d", device, version, seq + 1)
     metrics, health, server = _serve_ops(settings, lambda: True)

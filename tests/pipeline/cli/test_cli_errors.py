@@ -73,6 +73,9 @@ def test_run_checks_its_model_before_any_connection(tmp_path: Path, capsys: pyte
     _fails(["run", "--model", str(tmp_path / "missing.pt"), "--bootstrap", "127.0.0.1:1"], capsys,
            "missing.pt: no such file")
     _fails(["run", "--shape", "long", "--channel-fields", "a,b"], capsys, "long input shape")
+    monkeypatch.setenv("LIQUIDSTREAM_MODEL_SIGNING_KEY", "0123456789abcdef0123")
+    _fails(["train-worker", "--model", str(tmp_path / "missing.pt"), "--bootstrap", "127.0.0.1:1"], capsys,
+           "missing.pt: no such file")
 
 
 def test_bad_arguments_and_settings_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
