@@ -25,6 +25,7 @@ from liquidstream.pipeline.cli.args import (
     require_extra,
     with_commissioning,
 )
+from liquidstream.pipeline.errors import ConfigurationError
 from liquidstream.pipeline.settings import Settings
 
 __all__ = ["COMMANDS"]
@@ -32,6 +33,9 @@ __all__ = ["COMMANDS"]
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
     require_extra("matplotlib", "plot", "`liquidstream demo` (its plot.png)")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        msg = f"--out {args.out}: is a file; give a folder (created if missing) for the demo's outputs"
+        raise ConfigurationError(msg)
     from liquidstream.pipeline.offline.demo import DemoConfig, run_demo
 
     cfg = DemoConfig(devices=args.devices, duration_s=args.duration_s, seed=args.seed, cell=args.cell,

@@ -49,6 +49,7 @@ def test_missing_input_existing_out_file_and_cuda_without_gpu(tmp_path: Path, ca
     _fails(["replay", "--input", str(src), "--out", "o", "--device", "cuda", "--quiet"], capsys,
            "no CUDA GPU", "--device cpu")
     _fails(["train", "--input", "missing.jsonl", "--out", "m.pt", "--quiet"], capsys, "no such file")
+    _fails(["demo", "--out", "afile", "--quiet"], capsys, "--out afile: is a file")
 
 
 def test_a_garbage_model_names_the_flag_and_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
