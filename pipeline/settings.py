@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     # --- model and compute -------------------------------------------------------------------------------
     #: Model to serve (``model.pt`` with its ``model.json``, from ``liquidstream train``); none = untrained.
     model: Path | None = None
+    #: Several models in one worker: input topic -> model file, as JSON (``{"line-a": "a.pt", "line-b": "b.pt"}``).
+    #: Each topic runs as its own worker (group ``<group_id>.<topic>``) in this process; empty = one model.
+    models: dict[str, Path] = Field(default_factory=dict)
+    #: With ``models``: input topic -> its own input mapping (JSON), for topics whose shape differs from ``mapping``.
+    mappings: dict[str, InputMapping] = Field(default_factory=dict)
     #: Compute device: ``auto`` takes the GPU when PyTorch sees one.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     #: Operator policies and scoring knobs (``LIQUIDSTREAM_OPERATOR__*``).

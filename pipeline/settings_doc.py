@@ -75,6 +75,7 @@ def field_comments(cls: type) -> dict[str, str]:
 def _type_name(annotation: Any) -> str:
     text = str(annotation).replace("typing.", "").replace("pathlib.", "").replace("pydantic.types.", "")
     text = re.sub(r"<class '([\w.]*\.)?(\w+)'>", r"\2", text)
+    text = re.sub(r"\b(?:[a-z_]+\.)+([A-Za-z_]\w*)", r"\1", text)  # module paths: the class name is enough
     text = re.sub(r"Optional\[(.*)\]", r"\1 | None", text)
     text = re.sub(r"Literal\[(.*?)\]", lambda m: " | ".join(m.group(1).split(", ")), text)
     return text.replace("|", "\\|")

@@ -49,6 +49,9 @@ def register_run(sub: Any) -> Handler:
                                                    "unless LIQUIDSTREAM_AUTO_OFFSET_RESET=latest)")
     p.add_argument("--model", default=None, help="model.pt saved by `liquidstream train`/`demo`; checked before any "
                                                  "connection is made")
+    p.add_argument("--models", type=_topic_models, default=None, metavar="TOPIC=MODEL,...",
+                   help="several models in one worker: each input topic with its model (replaces --input-topic and "
+                        "--model; see docs/operations.md)")
     p.add_argument("--channels", type=positive_int, default=None,
                    help=f"channels of the untrained model used without --model (default: the mapping's channel "
                         f"fields, else {DEFAULT_CHANNELS})")
@@ -70,22 +73,40 @@ def register_run(sub: Any) -> Handler:
     return _cmd_run
 
 
+def _topic_models(text: str) -> dict[str, str]:
+    """``a=m1.pt,b=m2.pt`` -> ``{"a": "m1.pt", "b": "m2.pt"}``."""
+    pairs = [item.partition("=") for item in text.split(",") if item.strip()]
+    if not pairs or any(not topic.strip() or not sep or not path.strip() for topic, sep, path in pairs):
+        msg = f"must be TOPIC=MODEL pairs separated by commas, got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return {topic.strip(): path.strip() for topic, _, path in pairs}
+
+
 def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    from liquidstream.pipeline.kafka.multi import MultiModelWorker, topic_settings
     from liquidstream.pipeline.kafka.worker import KafkaWorker
     from liquidstream.pipeline.ops.health import preflight
     from liquidstream.pipeline.serving import build_operator
 
-    if settings.mapping.shape == "long":  # checked by every consumer of a topic; here before the model loads
-        raise ConfigurationError(LONG_SHAPE_FILES_ONLY)
     worker_id = settings.resolved_worker_id()
     setup_logging(settings, static={"worker": worker_id})
     settings = with_commissioning(args, settings)
-    operator = build_operator(settings, args.channels)  # a missing or bad model fails here, before any connection
+    if settings.models and settings.model is not None:
+        msg = "--models (LIQUIDSTREAM_MODELS) replaces --model (LIQUIDSTREAM_MODEL): give one of them"
+        raise ConfigurationError(msg)
+    per_topic = topic_settings(settings, worker_id) if settings.models else [settings]
+    for s in per_topic:
+        if s.mapping.shape == "long":  # checked by every consumer of a topic; here before the models load
+            raise ConfigurationError(LONG_SHAPE_FILES_ONLY)
+    # every model is loaded and checked against its mapping before any connection
+    operators = [build_operator(s, args.channels if not settings.models else None) for s in per_topic]
     preflight(settings)  # bad credentials: one clear line (exit 2) now, not timeouts half a minute later
-    worker = KafkaWorker(settings, operator, worker_id=worker_id, serve_ops=True)
+    workers = [KafkaWorker(s, op, worker_id=s.worker_id or worker_id, serve_ops=True)
+               for s, op in zip(per_topic, operators, strict=True)]
+    runner = workers[0] if not settings.models else MultiModelWorker(workers, [s.input_topic for s in per_topic])
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, worker.stop)  # finish the batch, commit it, close, exit 0
-    return worker.run()
+        signal.signal(sig, runner.stop)  # finish the batch, commit it, close, exit 0
+    return runner.run()
 
 
 # ---------------------------------------------------------------------------------------------- simulate
