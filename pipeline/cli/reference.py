@@ -21,7 +21,12 @@ KINDS = ("reading", "prediction", "alert", "dead-letter")
 
 
 def schema_text(name: str) -> str:
-    """The published JSON Schema of ``name``, as written to ``docs/schemas/<name>.json``."""
+    """The published JSON Schema of ``name``, as written to ``docs/schemas/<name>.json``.
+
+    >>> doc = json.loads(schema_text("alert"))
+    >>> doc["$id"], doc["required"][:3]
+    ('urn:liquidstream:schema:alert:1', ['device_id', 'ts', 'score'])
+    """
     from liquidstream.pipeline.wire.contract import json_schema
 
     return json.dumps(json_schema(name), indent=2, sort_keys=False) + "\n"
