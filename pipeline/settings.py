@@ -16,6 +16,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from liquidstream.operators.config import OperatorSettings
 from liquidstream.operators.online.config import OnlineSettings
+from liquidstream.pipeline.errors import ConfigurationError
+from liquidstream.pipeline.wire.mapping import InputMapping
 
 #: Event times before this are absurd for a live sensor (2000-01-01T00:00:00Z, epoch milliseconds).
 DEFAULT_TS_MIN_MS = 946_684_800_000
@@ -28,16 +30,27 @@ class Settings(BaseSettings):
                                       extra="ignore")
 
     # --- Kafka -----------------------------------------------------------------------------------------
+    #: Kafka bootstrap servers, ``host:port[,host:port...]``.
     bootstrap: str = "127.0.0.1:9092"
+    #: Topic the readings are consumed from (message key = device id).
     input_topic: str = "readings"
+    #: Topic of the prediction records (schema ``prediction``).
     predictions_topic: str = "predictions"
+    #: Topic of the alert records (schema ``alert``).
     alerts_topic: str = "alerts"
+    #: Topic of the dead letters (original message, ``ls.*`` headers: schema ``dead-letter``).
     dlq_topic: str = "readings-dlq"
+    #: Consumer group of the serving workers; also names the changelog and transactional ids.
     group_id: str = "liquidstream"
+    #: Where a group without committed offsets starts reading the input topic.
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     #: exactly_once: predictions, alerts, dead letters, state changelog records and the input offsets are
     #: committed in one Kafka transaction; at_least_once: produce, flush, then commit offsets.
     guarantee: Literal["exactly_once", "at_least_once"] = "exactly_once"
+    #: Predictions and alerts carry their reading's event time as Kafka timestamp (false: the producer's clock).
+    #: With CreateTime topics, retention counts from that time: replaying readings older than the output topics'
+    #: ``retention.ms`` makes the broker delete their outputs soon after; use false (or LogAppendTime) then.
+    event_time_timestamps: bool = True
     #: Compacted topic holding each device's state; default ``<group_id>-state-changelog`` so that two
     #: consumer groups never share state.
     changelog_topic: str | None = None
@@ -45,12 +58,19 @@ class Settings(BaseSettings):
     transactional_id_prefix: str | None = None
     #: Stable identity of this worker instance (transactional id suffix, logs); default host name + pid.
     worker_id: str | None = None
+    #: librdkafka ``security.protocol``.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    #: librdkafka ``sasl.mechanism``.
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    #: librdkafka ``sasl.username``.
     sasl_username: str | None = None
+    #: librdkafka ``sasl.password`` (a secret: never printed, never logged).
     sasl_password: SecretStr | None = None
+    #: librdkafka ``ssl.ca.location``: CA bundle verifying the brokers.
     ssl_ca_location: Path | None = None
+    #: librdkafka ``ssl.certificate.location``: client certificate (mutual TLS).
     ssl_certificate_location: Path | None = None
+    #: librdkafka ``ssl.key.location``: client private key.
     ssl_key_location: Path | None = None
     #: Any other librdkafka property, e.g. ``{"socket.keepalive.enable": "true"}``.
     kafka_config: dict[str, str] = Field(default_factory=dict)
@@ -67,13 +87,16 @@ class Settings(BaseSettings):
     #: with the same backlog drain rate; an idle worker then polls 100 times a second.
     batch_max_ms: int = Field(default=10, ge=1)
     #: at_least_once only: a batch's delivery wait, changelog and offset commit overlap the next batches'
-    #: consume and compute (same order, same guarantee: liquidstream.pipeline.kafka.at_least_once); off: one batch at a
-    # time.
+    #: consume and compute (same order, same guarantee: liquidstream.pipeline.kafka.at_least_once); off: one batch
+    #: at a time.
     pipelined_commits: bool = True
-    exit_when_idle_s: float | None = None  # bounded runs: stop after this many seconds without input
+    #: Bounded runs: stop (exit 0) after this many seconds without input; none = run until stopped.
+    exit_when_idle_s: float | None = None
 
     # --- input validation (what goes to the dead-letter topic) ------------------------------------------
+    #: A message value longer than this is an ``oversize`` dead letter (checked before parsing).
     max_payload_bytes: int = Field(default=64 * 1024, ge=64)
+    #: Event times before this (epoch ms; default 2000-01-01) are ``bad_timestamp`` dead letters.
     ts_min_ms: int = DEFAULT_TS_MIN_MS
     #: Seconds an event time may run ahead of the worker's wall clock; further ahead is ``bad_timestamp``.  Not
     #: a day: an accepted reading from a clock hours ahead makes every later real reading of that device
@@ -82,10 +105,21 @@ class Settings(BaseSettings):
     #: A consumed reading without a message key is dead-lettered (``key_mismatch``): per-device state is
     #: partitioned by key.  False accepts keyless readings (safe only on a one-partition input topic).
     require_key: bool = True
+    #: Which JSON shape the input has and where device id, time and channels are in it
+    #: (``LIQUIDSTREAM_MAPPING__SHAPE=wide``, ``..._DEVICE_FIELD``, ...; :mod:`liquidstream.pipeline.wire.mapping`).
+    mapping: InputMapping = Field(default_factory=InputMapping)
 
     # --- model and compute -------------------------------------------------------------------------------
+    #: Model to serve (``model.pt`` with its ``model.json``, from ``liquidstream train``); none = untrained.
     model: Path | None = None
+    #: Several models in one worker: input topic -> model file, as JSON (``{"line-a": "a.pt", "line-b": "b.pt"}``).
+    #: Each topic runs as its own worker (group ``<group_id>.<topic>``) in this process; empty = one model.
+    models: dict[str, Path] = Field(default_factory=dict)
+    #: With ``models``: input topic -> its own input mapping (JSON), for topics whose shape differs from ``mapping``.
+    mappings: dict[str, InputMapping] = Field(default_factory=dict)
+    #: Compute device: ``auto`` takes the GPU when PyTorch sees one.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    #: Operator policies and scoring knobs (``LIQUIDSTREAM_OPERATOR__*``).
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
     #: PyTorch intra-op CPU threads; 0 = half the cores (at least 1).  Small per-wave tensors gain nothing
     #: from many threads, and an oversubscribed machine (Kafka client threads, other processes) makes
@@ -106,11 +140,15 @@ class Settings(BaseSettings):
     trainer_group_id: str | None = None
     #: Seconds between two candidate trainings of the trainer (and between its offset commits).
     trainer_interval_s: float = Field(default=60.0, gt=0)
+    #: Online fine-tuning and its guards (``LIQUIDSTREAM_ONLINE__*``).
     online: OnlineSettings = Field(default_factory=lambda: OnlineSettings.model_validate({}))
 
     # --- operations -------------------------------------------------------------------------------------
+    #: Port of ``/metrics``, ``/healthz`` and ``/readyz`` (0 = any free port, named in the log).
     metrics_port: int = Field(default=9108, ge=0, le=65535)
+    #: Log lines as JSON objects or human text; unset: human on a terminal, JSON elsewhere.
     log_format: Literal["json", "human"] = "human"
+    #: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR`` or ``CRITICAL``.
     log_level: str = "INFO"
 
     def kafka_client_config(self) -> dict[str, Any]:
@@ -173,8 +211,11 @@ class Settings(BaseSettings):
 
     def torch_device(self) -> str:
         """``cuda`` when asked for or when ``auto`` finds a GPU, else ``cpu``."""
-        if self.device != "auto":
-            return self.device
+        if self.device == "cpu":
+            return "cpu"
         import torch  # local: settings stay importable without initialising torch
 
+        if self.device == "cuda" and not torch.cuda.is_available():
+            msg = "device cuda: PyTorch sees no CUDA GPU here; use --device cpu (or auto: the GPU when there is one)"
+            raise ConfigurationError(msg)
         return "cuda" if torch.cuda.is_available() else "cpu"

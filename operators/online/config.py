@@ -46,7 +46,9 @@ class OnlineSettings(BaseModel, frozen=True):
     batch_windows: int = Field(default=128, ge=1)
     #: Optimiser steps per candidate model.
     steps_per_update: int = Field(default=50, ge=1)
+    #: Adam learning rate of the candidate's training.
     lr: float = Field(default=1e-3, gt=0.0)
+    #: Gradients are clipped to this global norm.
     grad_clip: float = Field(default=1.0, gt=0.0)
     #: No candidate is trained before the buffer holds this many training windows.
     min_windows: int = Field(default=64, ge=1)
@@ -62,11 +64,13 @@ class OnlineSettings(BaseModel, frozen=True):
     #: nats per reading (an NLL can be negative, so a relative margin means nothing there).
     guard_validation: bool = True
     min_improvement: float = Field(default=0.01, ge=0.0)
+    #: The held-out error compared: ``mse`` of the forecast mean, or ``nll`` of the Gaussian forecast.
     validation_metric: Literal["mse", "nll"] = "mse"
     #: Relative parameter change per update, ||theta_new - theta|| / ||theta||, is at most ``max_drift``:
     #: a larger change is scaled back onto that sphere (``project``) or refused (``reject``).
     guard_drift: bool = True
     max_drift: float = Field(default=0.05, gt=0.0)
+    #: What ``guard_drift`` does with a larger change: ``project`` (scale back) or ``reject`` (refuse).
     drift_mode: Literal["project", "reject"] = "project"
     #: One device supplies at most ``max_device_share`` of the windows of a training batch.
     guard_device_cap: bool = True
@@ -79,6 +83,7 @@ class OnlineSettings(BaseModel, frozen=True):
     # --- compute
     #: bf16 autocast of the training forward pass when the learner runs on CUDA (fp32 on the CPU).
     amp: bool = True
+    #: Seed of the learner's random choices (hold-out split, batch sampling).
     seed: int = 0
 
     @classmethod

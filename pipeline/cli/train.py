@@ -33,6 +33,7 @@ from liquidstream.pipeline.errors import ConfigurationError, PipelineError, Trai
 from liquidstream.pipeline.ops.logs import setup_logging
 from liquidstream.pipeline.serving import DEFAULT_CHANNELS
 from liquidstream.pipeline.settings import Settings
+from liquidstream.pipeline.wire.checks import LONG_SHAPE_FILES_ONLY
 
 if TYPE_CHECKING:  # torch is imported only when the command runs, not by `--help`
     from liquidstream.operators.forecaster import Forecaster
@@ -57,25 +58,30 @@ def _positive_float(text: str) -> float:
 def register(sub: Any) -> Handler:
     p = sub.add_parser("train-worker", help="fine-tune the forecaster on the live readings; publish signed updates")
     kafka_flags(p)
-    p.add_argument("--input-topic", default=None)
+    p.add_argument("--input-topic", default=None, help="topic of the readings it learns from")
     p.add_argument("--group-id", default=None, help="serving group (the trainer's own group defaults to "
                                                    "<group-id>-trainer)")
-    p.add_argument("--trainer-group-id", default=None, help="the trainer's consumer group")
+    p.add_argument("--trainer-group-id", default=None, help="the trainer's consumer group (default: "
+                                                            "<group-id>-trainer)")
     p.add_argument("--model-updates-topic", default=None, help="compacted topic of signed updates "
                                                                "(default model-updates)")
     p.add_argument("--model-lineage", default=None, help="record key of this model line (default forecaster)")
-    p.add_argument("--model", default=None, help="starting model (model.pt) when the topic has none")
+    p.add_argument("--model", default=None,
+                   help="starting model (model.pt) when the topic has none (default: LIQUIDSTREAM_MODEL, else an "
+                        "untrained one)")
     p.add_argument("--channels", type=positive_int, default=None,
                    help=f"channels of the untrained model used without any model (default {DEFAULT_CHANNELS})")
     device_flag(p)
     p.add_argument("--interval", dest="trainer_interval_s", type=_positive_float, default=None, metavar="SECONDS",
                    help="seconds between candidate trainings (LIQUIDSTREAM_TRAINER_INTERVAL_S, default 60)")
-    p.add_argument("--max-updates", type=positive_int, default=None, help="exit 0 after publishing this many")
+    p.add_argument("--max-updates", type=positive_int, default=None,
+                   help="exit 0 after publishing this many (default: no limit)")
     p.add_argument("--exit-when-idle", "--exit-when-idle-s", dest="exit_when_idle_s", type=non_negative_float,
                    default=None, metavar="SECONDS", help="stop (exit 0) after this long without input")
-    p.add_argument("--batch-max-messages", type=positive_int, default=None)
+    p.add_argument("--batch-max-messages", type=positive_int, default=None, help="readings per batch at most")
     p.add_argument("--batch-max-ms", type=positive_int, default=None, help="ms to wait filling a batch")
-    p.add_argument("--worker-id", default=None, help="identity of this trainer in records and logs")
+    p.add_argument("--worker-id", default=None, help="identity of this trainer in records and logs (default: "
+                                                    "host name + pid)")
     p.add_argument("--metrics-port", type=port, default=None, help="port of /metrics, /healthz, /readyz")
     return _cmd_train_worker
 
@@ -86,13 +92,13 @@ def starting_point(settings: Settings, channels: int | None, key: bytes) -> tupl
     from confluent_kafka.admin import AdminClient
 
     from liquidstream.operators import Forecaster
-    from liquidstream.operators.model_io import load_model
+    from liquidstream.pipeline.serving import open_model
     from liquidstream.pipeline.updates.gate import UpdateGate
     from liquidstream.pipeline.updates.topic import ensure_updates_topic, read_latest, updates_consumer
 
     base, version = None, "untrained"
     if settings.model is not None:
-        base, doc = load_model(settings.model)
+        base, doc = open_model(settings.model)
         version = str(doc["version"])
     try:
         ensure_updates_topic(AdminClient(settings.kafka_client_config()), settings.model_updates_topic)
@@ -150,6 +156,7 @@ def _serve_ops(settings: Settings, ready: ReadyCheck) -> tuple[Metrics, Health, 
 def _cmd_train_worker(args: argparse.Namespace, settings: Settings) -> int:
     from liquidstream.operators.online.learner import OnlineLearner
     from liquidstream.pipeline.ops.health import preflight
+    from liquidstream.pipeline.serving import open_model
     from liquidstream.pipeline.updates.record import signing_key
     from liquidstream.pipeline.updates.trainer import EXIT_FENCED, TrainWorker
 
@@ -159,6 +166,11 @@ def _cmd_train_worker(args: argparse.Namespace, settings: Settings) -> int:
     if key is None:
         msg = "train-worker needs LIQUIDSTREAM_MODEL_SIGNING_KEY: it publishes signed updates only"
         raise ConfigurationError(msg)
+    if settings.mapping.shape == "long":
+        raise ConfigurationError(LONG_SHAPE_FILES_ONLY)
+    device = settings.torch_device()  # --device cuda without a GPU: one line now, not after connecting
+    if settings.model is not None:
+        open_model(settings.model)  # a missing or bad --model: one line now, before any connection
     preflight(settings)
     try:
         publisher, model, version, seq = fenced_start(settings, args.channels, key)
@@ -166,7 +178,6 @@ def _cmd_train_worker(args: argparse.Namespace, settings: Settings) -> int:
         log.error("trainer stopping: %s", ex)
         print(f"liquidstream train-worker: error: {ex}", file=sys.stderr)
         return EXIT_FENCED
-    device = settings.torch_device()
     learner = OnlineLearner(model, settings.operator, settings.online, device=device, model_version=version)
     log.info("trainer on %s: model version %s, next seq %d", device, version, seq + 1)
     metrics, health, server = _serve_ops(settings, lambda: True)

@@ -138,7 +138,9 @@ class FaustStep:
             out, snapshots = await asyncio.to_thread(self._compute, [EventMessage(e) for e in events])
             self.registry.note(out.device_partitions)
             send = self.app.producer.send  # (null header values, forwarded from inputs, are fine for aiokafka)
-            sent = [await send(r.topic, r.key, r.value, r.partition, None, cast(Any, r.headers)) for r in out.records]
+            # faust takes the timestamp in seconds (None: the producer's clock)
+            sent = [await send(r.topic, r.key, r.value, r.partition, r.timestamp / 1000.0 if r.timestamp else None,
+                               cast(Any, r.headers)) for r in out.records]
             await asyncio.gather(*sent)  # outputs delivered (acks=all) before the state that follows them:
             for device, blob in snapshots:  # a crash in between replays the batch, it never skips outputs
                 key = device.encode("utf-8")

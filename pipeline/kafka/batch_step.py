@@ -22,6 +22,7 @@ from liquidstream.operators.result import EventStatus
 from liquidstream.pipeline.errors import EncodeError, PipelineError
 from liquidstream.pipeline.kafka.output import BatchOutput, OutputTopics, OutRecord
 from liquidstream.pipeline.wire.codec import DecodeLimits, decode_batch, encode_json
+from liquidstream.pipeline.wire.contract import schema_headers
 from liquidstream.pipeline.wire.dead_letters import DeadLetter
 from liquidstream.pipeline.wire.records import alert_records, encode_predictions, prediction_records
 from liquidstream.pipeline.wire.schemas import DeadLetterReason
@@ -29,7 +30,8 @@ from liquidstream.pipeline.wire.types import MessageLike, SourceCoords, TopicPar
 
 __all__ = ["coords", "describe_range", "handle_batch", "offsets_to_commit", "tune_gc"]
 
-
+#: Every prediction and alert names its published schema and version (shared lists: never mutated).
+_PREDICTION_HEADERS, _ALERT_HEADERS = schema_headers("prediction"), schema_headers("alert")
 
 
 def tune_gc() -> None:
@@ -119,18 +121,20 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
     row_src, published = [src[i] for i in rows], list[int]()
     keys = {d: d.encode("utf-8") for d in decoded.device_ids}  # once per device, not per event
     predictions, append, ids = topics.predictions, out.records.append, decoded.device_ids
+    times = result.ts_ms.tolist() if topics.event_time else [0] * len(ids)
     slow: list[int] = []
     for k, value in encode_predictions(ids, result, operator.model_version, row_src):
         if value is None:
             slow.append(k)
             continue
-        append(OutRecord(predictions, keys[ids[k]], value))
+        append(OutRecord(predictions, keys[ids[k]], value, _PREDICTION_HEADERS, None, times[k]))
         published.append(k)
     if slow:  # not finite (an overflowed forecast): the checking encoder says why, the reading is dead-lettered
         records = dict(prediction_records(ids, result, operator.model_version, row_src))
         for k in slow:
             try:
-                append(OutRecord(predictions, keys[ids[k]], encode_json(records[k])))
+                append(OutRecord(predictions, keys[ids[k]], encode_json(records[k]), _PREDICTION_HEADERS, None,
+                                 times[k]))
                 published.append(k)
             except EncodeError as ex:
                 letter(rows[k], DeadLetterReason.NON_FINITE, f"prediction is not finite: {ex}")
@@ -142,7 +146,8 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
             value = encode_json(rec)
         except EncodeError:
             continue  # its reading already has a prediction; an unencodable alert is only lost signal
-        out.records.append(OutRecord(topics.alerts, rec["device_id"].encode("utf-8"), value))
+        out.records.append(OutRecord(topics.alerts, rec["device_id"].encode("utf-8"), value, _ALERT_HEADERS, None,
+                                     rec["ts"] if topics.event_time else 0))
         out.alerts += 1
     for k in np.flatnonzero(~result.applied).tolist():
         reason, detail = _drop_detail(EventStatus(int(result.status[k])), decoded.device_ids[k],

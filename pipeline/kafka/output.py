@@ -28,15 +28,16 @@ class OutputTopics:
     alerts: str
     dlq: str
     dlq_max_bytes: int = MAX_DEAD_LETTER_BYTES
+    event_time: bool = True  # predictions and alerts carry their reading's event time as Kafka timestamp
 
     @classmethod
     def from_settings(cls, settings: Settings) -> OutputTopics:
         return cls(settings.predictions_topic, settings.alerts_topic, settings.dlq_topic,
-                   dead_letter_budget(settings.kafka_config))
+                   dead_letter_budget(settings.kafka_config), settings.event_time_timestamps)
 
 
 class OutRecord(NamedTuple):
-    """One record to produce: ``Producer.produce(topic, key=, value=, headers=[, partition=])``.
+    """One record to produce: ``Producer.produce(topic, key=, value=, headers=[, partition=][, timestamp=])``.
 
     A NamedTuple, not a frozen dataclass: built once per output record (1.3 us less each, measured).
     """
@@ -46,6 +47,7 @@ class OutRecord(NamedTuple):
     value: bytes | None
     headers: Headers | None = None
     partition: int | None = None  # None: by key; changelog records are pinned to their input partition
+    timestamp: int = 0  # Kafka timestamp, epoch ms: the reading's event time for outputs; 0 = the producer's clock
 
 
 @dataclass

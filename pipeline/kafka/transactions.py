@@ -85,18 +85,15 @@ class DeliveryTracker:
 
 
 def produce_all(producer: Producer, records: Sequence[OutRecord], tracker: DeliveryTracker) -> None:
-    # Positional arguments (topic, value, key, partition, on_delivery; -1: by key), keywords only for headers:
-    # parsing keyword arguments costs about a microsecond per record (measured: 3.1 -> 2.0 us per produce).
+    # Positional arguments (topic, value, key, partition, on_delivery, callback, timestamp, headers; -1: by key;
+    # timestamp 0: the producer's clock): parsing keyword arguments costs about a microsecond per record.
     produce = producer.produce
-    for i, (topic, key, value, rec_headers, partition) in enumerate(records):
+    for i, (topic, key, value, rec_headers, partition, timestamp) in enumerate(records):
         headers = cast("_Headers | None", rec_headers)  # the same list: bytes values are str | bytes values
         where = -1 if partition is None else partition
         while True:
             try:
-                if headers is None:  # most records: keyed predictions
-                    produce(topic, value, key, where, tracker)
-                else:
-                    produce(topic, value, key, where, tracker, headers=headers)
+                produce(topic, value, key, where, tracker, None, timestamp, headers)
                 break
             except BufferError:  # local queue full: serve delivery reports until there is room
                 producer.poll(0.05)

@@ -25,6 +25,9 @@ from liquidstream.pipeline.offline.simulator import SimulatedStream, simulate
 from liquidstream.pipeline.settings import Settings
 from liquidstream.pipeline.wire.records import alert_records, prediction_records
 
+#: ``source.file`` of the demo's records: it has no input file, its readings come from the simulator.
+DEMO_SOURCE = "demo:simulator"
+
 
 @dataclass(frozen=True)
 class DemoConfig:
@@ -89,10 +92,13 @@ def run_demo(settings: Settings, out_dir: Path, cfg: DemoConfig | None = None, *
             res = op.process(ids[lo:hi], ts[lo:hi], vals[lo:hi])
             compute_s += time.perf_counter() - t0
             forecasts[lo:hi], stds[lo:hi], fts[lo:hi] = res.forecast, res.forecast_std, res.forecast_ts_ms
-            for _, rec in prediction_records(ids[lo:hi], res, version):
+            for i, rec in prediction_records(ids[lo:hi], res, version):
+                rec["source"] = {"file": DEMO_SOURCE, "line": lo + i + 1}  # position in the simulated stream
                 pred_f.write(json.dumps(rec) + "\n")
                 n_pred += 1
-            alerts.extend(rec for _, rec in alert_records(res, version))
+            for i, rec in alert_records(res, version):
+                rec["source"] = {"file": DEMO_SOURCE, "line": lo + i + 1}
+                alerts.append(rec)
             bar.update(hi, len(ids), events_per_s=hi / max(compute_s, 1e-9), alerts=len(alerts))
     with (out_dir / "alerts.jsonl").open("w") as f:
         f.writelines(json.dumps(a) + "\n" for a in alerts)

@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from numpy.typing import NDArray
 
 from liquidstream.operators.errors import ConfigError, InputError
+from liquidstream.pipeline.wire.codec import DecodedBatch
 
 StrPath = str | PathLike[str]
 
@@ -84,19 +85,27 @@ def device_ids_of(path: StrPath) -> list[str]:
     return [row["device_id"] for _, row in _read_jsonl(path)]
 
 
-def load_series(readings_jsonl: StrPath, predictions_jsonl: StrPath | None, alerts_jsonl: StrPath | None,
-                device_ids: Iterable[str], incidents_jsonl: StrPath | None = None) -> list[DeviceSeries]:
+def load_series(readings_jsonl: StrPath | DecodedBatch, predictions_jsonl: StrPath | None,
+                alerts_jsonl: StrPath | None, device_ids: Iterable[str],
+                incidents_jsonl: StrPath | None = None) -> list[DeviceSeries]:
     """Collect the plotted data of ``device_ids`` (in that order) from the worker's / simulator's files.
 
-    Readings: ``{"device_id", "ts", "values"}``; predictions: ``{"device_id", "ts", "forecast",
-    "forecast_std"}`` and optionally ``forecast_ts`` (the time the forecast is for; ``ts`` if absent);
+    Readings: ``{"device_id", "ts", "values"}``, or the readings already decoded by the worker's codec (how
+    ``liquidstream report`` reads them: it accepts and skips the same lines as ``replay``); predictions:
+    ``{"device_id", "ts", "forecast", "forecast_std"}`` and optionally ``forecast_ts`` (the time the forecast is
+    for; ``ts`` if absent);
     alerts: ``{"device_id", "ts"}``; incidents: ``{"device_id", "start_ms", "end_ms"}``.  ``None`` = no file.
     """
     wanted = list(dict.fromkeys(device_ids))
     acc: dict[str, dict[str, list[Any]]] = {d: {k: [] for k in ("r", "p", "a", "i")} for d in wanted}
+    if isinstance(readings_jsonl, DecodedBatch):
+        columns = readings_jsonl.device_ids, readings_jsonl.ts_ms.tolist(), readings_jsonl.values.tolist()
+        for dev, ts, row in zip(*columns, strict=True):
+            if dev in acc:
+                acc[dev]["r"].append((ts, row))
     sources = (("r", readings_jsonl), ("p", predictions_jsonl), ("a", alerts_jsonl), ("i", incidents_jsonl))
     for key, path in sources:
-        if path is None:
+        if path is None or isinstance(path, DecodedBatch):
             continue
         for number, row in _read_jsonl(path):
             bucket = acc.get(row["device_id"])

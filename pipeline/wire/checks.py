@@ -18,20 +18,26 @@ schema - values[0] must be a number, got boolean
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from liquidstream.pipeline.errors import ConfigurationError
+from liquidstream.pipeline.wire.mapping import InputMapping
 from liquidstream.pipeline.wire.schemas import MAX_DEVICE_ID_CHARS, DeadLetterReason, describe_non_finite
 
 if TYPE_CHECKING:
     from liquidstream.pipeline.settings import Settings
 
-__all__ = ["NUMBER_TYPES", "DecodeLimits", "Rejected", "non_finite_detail", "parse_reading"]
+__all__ = ["LONG_SHAPE_FILES_ONLY", "NUMBER_TYPES", "DecodeLimits", "Rejected", "check_reading", "load_payload",
+           "non_finite_detail", "parse_reading"]
 
 _MISSING = object()  # orjson refused the payload
+#: Why a consumer of a topic refuses ``mapping.shape = long`` (files only, for now).
+LONG_SHAPE_FILES_ONLY = ("the long input shape is read by `replay` and `train` only so far, not from a topic: "
+                         "assembling across batches needs the pending channels in the state changelog; reshape the "
+                         "topic to the wide shape (one message per device and time)")
 NUMBER_TYPES = frozenset((float, int))  # exact types: bool is not a number on the wire
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", float: "number",
                bool: "boolean", type(None): "null"}
@@ -49,6 +55,8 @@ class DecodeLimits:
     #: device's readings would be spread over partitions, each owner keeping its own state of it).  Applies
     #: only where there are keys to check (not to file replays).
     require_key: bool = False
+    #: The input's JSON shape and field names (default: liquidstream's own reading).
+    mapping: InputMapping = field(default_factory=InputMapping)
 
     def __post_init__(self) -> None:
         for name in ("n_channels", "max_payload_bytes"):
@@ -60,11 +68,14 @@ class DecodeLimits:
             raise ConfigurationError(msg)
 
     @classmethod
-    def from_settings(cls, settings: Settings, n_channels: int) -> DecodeLimits:
-        """Limits from the worker settings (``max_future_s`` is converted to milliseconds)."""
+    def from_settings(cls, settings: Settings, n_channels: int, *, stream: bool = True) -> DecodeLimits:
+        """Limits from the worker settings (``max_future_s`` is converted to milliseconds).  A ``stream`` (the Kafka
+        worker, the faust app, the trainer) cannot read the long shape yet: a :class:`ConfigurationError`."""
+        if stream and settings.mapping.shape == "long":
+            raise ConfigurationError(LONG_SHAPE_FILES_ONLY)
         return cls(n_channels=n_channels, max_payload_bytes=settings.max_payload_bytes,
                    ts_min_ms=settings.ts_min_ms, max_future_ms=round(settings.max_future_s * 1000),
-                   require_key=settings.require_key)
+                   require_key=settings.require_key, mapping=settings.mapping)
 
 
 class Rejected(Exception):
@@ -108,13 +119,8 @@ def _check_finite(values: list[Any]) -> None:
         raise Rejected(DeadLetterReason.NON_FINITE, detail)
 
 
-def parse_reading(payload: bytes | None, key: bytes | None, limits: DecodeLimits, min_ts: int,
-           max_ts: int) -> tuple[str, int, list[Any], list[str] | None]:
-    """One message's device id, ts, raw values and channel names; raises ``Rejected``.
-
-    Finiteness is checked here only when another reason would otherwise win (to keep the precedence);
-    the batch checks it for everything else in one vectorised pass.
-    """
+def load_payload(payload: bytes | None, limits: DecodeLimits) -> Any:
+    """A message's JSON value; raises ``Rejected`` (empty, oversize, undecodable, malformed_json)."""
     if payload is None or len(payload) == 0:
         raise Rejected(DeadLetterReason.EMPTY, "payload is null" if payload is None else "payload is empty")
     if len(payload) > limits.max_payload_bytes:
@@ -127,7 +133,7 @@ def parse_reading(payload: bytes | None, key: bytes | None, limits: DecodeLimits
         pass  # json.loads decides (NaN literals, 1e400, ...) and words the error as it always has
     # orjson reads an integer beyond 64 bits as the float of the same value: the same number everywhere
     # except where the type matters, the event time (json.loads keeps it an int: a range error, not schema).
-    if type(obj) is dict and type(obj.get("ts")) is float:
+    if type(obj) is dict and any(type(v) is float and v.is_integer() for v in obj.values()):
         obj = _MISSING
     try:
         if obj is _MISSING:
@@ -141,7 +147,23 @@ def parse_reading(payload: bytes | None, key: bytes | None, limits: DecodeLimits
         raise Rejected(DeadLetterReason.MALFORMED_JSON, f"invalid JSON: {ex}") from None
     if type(obj) is not dict:
         raise Rejected(DeadLetterReason.SCHEMA, f"payload must be a JSON object, got {_json_type(obj)}")
+    return obj
 
+
+def parse_reading(payload: bytes | None, key: bytes | None, limits: DecodeLimits, min_ts: int,
+                  max_ts: int) -> tuple[str, int, list[Any], list[str] | None]:
+    """One message's device id, ts, raw values and channel names; raises ``Rejected``.
+
+    Finiteness is checked here only when another reason would otherwise win (to keep the precedence);
+    the batch checks it for everything else in one vectorised pass.
+    """
+    return check_reading(load_payload(payload, limits), key, limits, min_ts, max_ts)
+
+
+def check_reading(obj: dict[str, Any], key: bytes | None, limits: DecodeLimits, min_ts: int,
+                  max_ts: int) -> tuple[str, int, list[Any], list[str] | None]:
+    """:func:`parse_reading` of a parsed JSON object in the native reading shape (also what an input mapping
+    makes of another shape)."""
     device_id: str = _field(obj, "device_id", str, "a string")
     if not 0 < len(device_id) <= MAX_DEVICE_ID_CHARS:
         what = "is empty" if not device_id else f"is longer than {MAX_DEVICE_ID_CHARS} characters"

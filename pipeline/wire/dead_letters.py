@@ -12,6 +12,8 @@ Why it failed and where it came from travel in headers (values are UTF-8 bytes):
 ``ls.source.offset``     input offset (decimal)
 ``ls.failed.at``         wall-clock time of the failure, epoch milliseconds (decimal)
 ``ls.worker``            id of the worker that rejected it (optional)
+``ls.schema``            ``dead-letter``: these headers follow the published ``dead-letter`` schema
+``ls.schema.version``    its version (:data:`~liquidstream.pipeline.wire.contract.SCHEMA_VERSION`)
 =======================  ===================================================================
 
 The original message's own headers are forwarded first (minus any stale ``ls.*`` ones from an earlier
@@ -39,22 +41,24 @@ producer refuses fails its whole batch, again after every restart):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from liquidstream.pipeline.errors import ConfigurationError, EncodeError
+from liquidstream.pipeline.errors import EncodeError
 from liquidstream.pipeline.wire.codec import Reject
+from liquidstream.pipeline.wire.contract import schema_headers
+from liquidstream.pipeline.wire.dead_letter_size import MAX_DEAD_LETTER_BYTES, dead_letter_budget, fit, headers_size
 from liquidstream.pipeline.wire.schemas import DeadLetterReason
 from liquidstream.pipeline.wire.types import Headers
 
 __all__ = [
     "HEADER_CLASS", "HEADER_FAILED_AT", "HEADER_OFFSET", "HEADER_PARTITION", "HEADER_PREFIX", "HEADER_REASON",
     "HEADER_TOPIC", "HEADER_TRUNCATED", "HEADER_UNREADABLE", "HEADER_WORKER", "MAX_DEAD_LETTER_BYTES",
-    "MAX_DETAIL_BYTES", "DeadLetter", "dead_letter_budget", "dead_letter_headers", "parse_dead_letter_headers",
+    "MAX_DETAIL_BYTES", "DeadLetter", "dead_letter_budget", "dead_letter_headers", "dead_letter_record",
+    "parse_dead_letter_headers",
 ]
 
 HEADER_PREFIX = "ls."
@@ -70,40 +74,8 @@ HEADER_UNREADABLE = "ls.headers.unreadable"
 #: ``ls.error.reason`` is cut to this many bytes (UTF-8), ending in ``...``, so headers stay small.
 MAX_DETAIL_BYTES = 1024
 
-#: Key + value + headers of a dead letter at most (bytes): librdkafka's default ``message.max.bytes`` is
-#: 1,000,000 for all of them plus framing; the rest is room for ``ls.truncated`` and the framing.
-MAX_DEAD_LETTER_BYTES = 900_000
-_HEADER_FRAMING = 10  # bytes per header on the wire beyond name and value (two varints), at most
-
-def dead_letter_budget(kafka_config: Mapping[str, str]) -> int:
-    """Bytes a dead letter may take (key + value + headers): 90 % of the producer's ``message.max.bytes``
-    when ``LIQUIDSTREAM_KAFKA_CONFIG`` sets it (the rest is room for ``ls.truncated`` and the framing), else
-    :data:`MAX_DEAD_LETTER_BYTES` (librdkafka's default of 1,000,000).
-
-    >>> dead_letter_budget({}), dead_letter_budget({"message.max.bytes": "200000"})
-    (900000, 180000)
-    """
-    raw = kafka_config.get("message.max.bytes")
-    if raw is None:
-        return MAX_DEAD_LETTER_BYTES
-    try:
-        limit = int(raw)
-    except ValueError as ex:
-        msg = f"message.max.bytes in LIQUIDSTREAM_KAFKA_CONFIG must be an integer, got {raw!r}"
-        raise ConfigurationError(msg) from ex
-    if limit < 16_384:  # room for the ls.* headers (up to ~1.5 KB), a cut key and some of the value
-        msg = f"message.max.bytes in LIQUIDSTREAM_KAFKA_CONFIG is {limit}: dead letters need at least 16384"
-        raise ConfigurationError(msg)
-    return limit * 9 // 10
-
-
 #: Kafka headers as confluent-kafka takes and returns them.
 OriginalHeaders = Iterable[tuple[str, bytes | None]] | Callable[[], Iterable[tuple[str, bytes | None]] | None] | None
-
-
-def _headers_size(headers: Iterable[tuple[str, bytes | None]]) -> int:
-    return sum(len(name.encode("utf-8", errors="surrogatepass")) + len(value or b"") + _HEADER_FRAMING
-               for name, value in headers)
 
 
 def _forwarded(original: OriginalHeaders) -> tuple[Headers, str | None]:
@@ -114,26 +86,6 @@ def _forwarded(original: OriginalHeaders) -> tuple[Headers, str | None]:
     except (SystemError, UnicodeDecodeError) as ex:  # confluent-kafka: a header name that is not UTF-8
         cause = ex.__cause__ or ex.__context__ or ex
         return [], f"original headers not forwarded: {cause}"
-
-
-def _fit(key: bytes | None, value: bytes | None, forwarded: Headers,
-         room: int) -> tuple[bytes | None, bytes | None, Headers, dict[str, int | str]]:
-    """Key, value and forwarded headers cut to ``room`` bytes together: value first, the key only past half
-    the room, headers when they leave less than a quarter for the value; and what was cut."""
-    cut: dict[str, int | str] = {}
-    if len(key or b"") + len(value or b"") + _headers_size(forwarded) <= room:
-        return key, value, forwarded, cut
-    if key is not None and len(key) > room // 2:
-        cut |= {"key_bytes": len(key), "key_kept": room // 2, "key_sha256": hashlib.sha256(key).hexdigest()}
-        key = key[: room // 2]
-    if forwarded and len(key or b"") + _headers_size(forwarded) > room - room // 4:
-        cut["headers_dropped"] = len(forwarded)
-        forwarded = []
-    left = room - len(key or b"") - _headers_size(forwarded)
-    if value is not None and len(value) > left:
-        cut |= {"value_bytes": len(value), "value_kept": left, "value_sha256": hashlib.sha256(value).hexdigest()}
-        value = value[:left]
-    return key, value, forwarded, cut
 
 
 def _detail_bytes(detail: str) -> bytes:
@@ -167,7 +119,21 @@ def dead_letter_headers(reason: DeadLetterReason | str, detail: str, topic: str,
     ]
     if worker_id is not None:
         headers.append((HEADER_WORKER, worker_id.encode("utf-8", errors="backslashreplace")))
-    return headers
+    return headers + [(name, value or b"") for name, value in schema_headers("dead-letter")]
+
+
+def dead_letter_record(headers: Iterable[tuple[str, bytes | str | None]] | None) -> dict[str, Any]:
+    """A dead letter's ``ls.*`` headers as the published ``dead-letter`` record (:class:`DeadLetterRecord`)."""
+    h = parse_dead_letter_headers(headers)
+    rec: dict[str, Any] = {"reason": h.get(HEADER_CLASS), "detail": h.get(HEADER_REASON),
+                           "source": {"topic": h.get(HEADER_TOPIC), "partition": int(h.get(HEADER_PARTITION, -1)),
+                                      "offset": int(h.get(HEADER_OFFSET, -1))},
+                           "failed_at": int(h[HEADER_FAILED_AT]) if HEADER_FAILED_AT in h else None}
+    optional = ((HEADER_WORKER, "worker"), (HEADER_UNREADABLE, "headers_unreadable"))
+    rec.update({name: h[header] for header, name in optional if header in h})
+    if HEADER_TRUNCATED in h:
+        rec["truncated"] = json.loads(h[HEADER_TRUNCATED])
+    return rec
 
 
 def parse_dead_letter_headers(headers: Iterable[tuple[str, bytes | str | None]] | None) -> dict[str, str]:
@@ -221,7 +187,7 @@ class DeadLetter:
                                   failed_at_ms=failed_at_ms)
         if unreadable is not None:
             own.append((HEADER_UNREADABLE, _detail_bytes(unreadable)))
-        key, value, forwarded, cut = _fit(key, value, forwarded, max_bytes - _headers_size(own))
+        key, value, forwarded, cut = fit(key, value, forwarded, max_bytes - headers_size(own))
         if cut:
             own.append((HEADER_TRUNCATED, json.dumps(cut).encode("ascii")))
         headers: Headers = [*forwarded, *own]

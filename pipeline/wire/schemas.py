@@ -1,7 +1,7 @@
 """The wire contract: JSON records the worker consumes and publishes, as pydantic v2 models.
 
-These models are the *documentation* of the formats (``Reading.model_json_schema()`` and
-:func:`wire_json_schemas` feed the docs) and the reference the codec is tested against.  The worker's hot
+:class:`Reading` is the *documentation* of the native input format (published with the output records by
+:mod:`liquidstream.pipeline.wire.contract`) and the reference the codec is tested against.  The worker's hot
 path does not build them per message: :func:`liquidstream.pipeline.wire.codec.decode_batch` applies the same rules with
 plain type checks and numpy.
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated
 
 from pydantic import (
     BaseModel,
@@ -36,8 +36,6 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-
-from liquidstream.operators.result import AlertReason
 
 #: Magnitudes at or above this round to infinity when cast to float32 (half an ulp above float32's max).
 FLOAT32_OVERFLOW = 2.0**128 - 2.0**103
@@ -59,7 +57,9 @@ class DeadLetterReason(StrEnum):
     BAD_TIMESTAMP = "bad_timestamp"  # ts < ts_min_ms or ts > now + max_future_s
     KEY_MISMATCH = "key_mismatch"  # message key != UTF-8 device_id, or missing (require_key)
     LATE = "late"  # older than the device's last applied event (operator policy)
-    DUPLICATE = "duplicate"  # same device and event time as an applied event (operator policy)
+    DUPLICATE = "duplicate"  # same device and event time as an applied event (operator policy); long shape: a
+    # channel of a device and time already read
+    INCOMPLETE = "incomplete"  # long shape: the input ended before every channel of this device and time arrived
 
 
 def describe_non_finite(value: float) -> str | None:
@@ -139,68 +139,6 @@ class Reading(BaseModel):
         return self
 
 
-class Source(BaseModel):
-    """Where a record came from: the input message's coordinates."""
-
-    model_config = ConfigDict(frozen=True)
-
-    topic: str
-    partition: int = Field(ge=0)
-    offset: int = Field(ge=0)
-
-
-class PredictionRecord(BaseModel):
-    """One forecast per applied reading, published to the predictions topic (key = ``device_id``)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    device_id: str
-    ts: int = Field(description="Event time of the reading, epoch ms.")
-    forecast: list[FiniteFloat] = Field(description="Expected values of the device's next reading.")
-    forecast_std: list[FiniteFloat] = Field(description="Predictive standard deviation per channel.")
-    forecast_ts: int = Field(description="Epoch ms the forecast is for: the device's expected next reading.")
-    horizon_s: FiniteFloat = Field(ge=0, description="forecast_ts - ts, seconds.")
-    score: FiniteFloat | None = Field(description="Surprise of this reading in decades: -log10 of the calibrated tail "
-                                                  "probability of its forecast residuals on this device; null for "
-                                                  "the device's first reading.")
-    anomaly_score: FiniteFloat | None = Field(
-        ge=0.0, le=1.0, description="How unusual this reading is for this device, in [0, 1]: score / (score + 10) "
-                                    "(0.5 at a tail probability of 1e-10); null for the device's first reading.")
-    threshold: FiniteFloat | None = Field(description="score at which an alert opens on this device: "
-                                                      "-log10(alert_probability).")
-    is_alert: bool = Field(description="An alert is open on the device right after this reading.")
-    status: str = Field(min_length=1, description='What the operator did with the reading: "ok", "first", '
-                                                  '"duplicate_accepted", "late_accepted", each with "+long_gap" '
-                                                  "when the gap before it exceeded max_gap_s.")
-    model_version: str
-    source: Source
-
-    @model_validator(mode="after")
-    def _forecast_lengths(self) -> PredictionRecord:
-        if len(self.forecast) != len(self.forecast_std):
-            msg = f"forecast has {len(self.forecast)} values but forecast_std {len(self.forecast_std)}"
-            raise ValueError(msg)
-        return self
-
-
-class AlertRecord(BaseModel):
-    """An opened anomaly alert, published to the alerts topic (key = ``device_id``)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    device_id: str
-    ts: int = Field(description="Event time of the reading that opened the alert, epoch ms.")
-    score: FiniteFloat
-    threshold: FiniteFloat
-    severity: Literal["warning", "critical"]
-    reason: AlertReason = Field(description="Why the alert opened: " + ", ".join(r.value for r in AlertReason)
-                                + " (liquidstream.operators.result.AlertReason).")
-    channels: list[str] = Field(description='Most anomalous channels: names, or "ch0", "ch1", ... when the '
-                                            "reading had none.")
-    model_version: str
-    source: Source
-
-
 def reason_for(error: ValidationError) -> DeadLetterReason:
     """The dead-letter reason for a failed :class:`Reading` validation, as the codec reports it.
 
@@ -219,14 +157,3 @@ def reason_for(error: ValidationError) -> DeadLetterReason:
     if types <= {"wrong_length"}:
         return DeadLetterReason.WRONG_LENGTH
     return DeadLetterReason.SCHEMA
-
-
-def wire_json_schemas() -> dict[str, dict[str, Any]]:
-    """JSON Schemas of every wire model, keyed by model name (for the docs).
-
-    >>> sorted(wire_json_schemas())
-    ['AlertRecord', 'PredictionRecord', 'Reading']
-    >>> wire_json_schemas()["Reading"]["required"]
-    ['device_id', 'ts', 'values']
-    """
-    return {model.__name__: model.model_json_schema() for model in (Reading, PredictionRecord, AlertRecord)}

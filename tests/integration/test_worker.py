@@ -19,16 +19,19 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from confluent_kafka import Consumer
+from confluent_kafka import TIMESTAMP_CREATE_TIME, Consumer
 
 from liquidstream.pipeline.eval.incidents import score_incidents
 from liquidstream.pipeline.offline.fleet_messages import FAULT_REASONS, MALFORMED_KINDS
+from liquidstream.pipeline.wire.contract import SCHEMAS, AlertRecord, DeadLetterRecord, PredictionRecord
+from liquidstream.pipeline.wire.dead_letters import dead_letter_record
 from tests.integration.conftest import (
     Topics,
     check_dead_letters,
     committed_total,
     dlq_sources,
     drain,
+    drain_messages,
     finish,
     pred_sources,
     run_cmd,
@@ -37,6 +40,11 @@ from tests.integration.conftest import (
 )
 
 pytestmark = pytest.mark.integration
+
+
+def model_name(model: type) -> str:
+    """The published schema name of a record model (``prediction``, ``alert``)."""
+    return next(name for name, m in SCHEMAS.items() if m is model)
 
 
 # -------------------------------------------------------------------------------------------- (a)
@@ -80,6 +88,16 @@ def test_worker_processes_every_message_exactly_once(kafka_bootstrap: str, topic
         src = inputs[(rec["source"]["partition"], rec["source"]["offset"])].json()
         assert (rec["device_id"], rec["ts"], p.key) == (src["device_id"], src["ts"], src["device_id"].encode())
         assert rec["source"]["topic"] == topics.input and len(rec["forecast"]) == 4
+    # The published contract: every record validates against its schema, names it in its headers, and carries its
+    # reading's event time as Kafka timestamp.
+    for topic, model in ((topics.predictions, PredictionRecord), (topics.alerts, AlertRecord)):
+        for stamp, value, headers in drain_messages(kafka_bootstrap, topic, lambda m: (m.timestamp(), m.value(),
+                                                                                      dict(m.headers() or []))):
+            rec = model.model_validate_json(value)
+            assert stamp == (TIMESTAMP_CREATE_TIME, rec.ts)
+            assert (headers["ls.schema"], headers["ls.schema.version"]) == (model_name(model).encode(), b"1")
+    for raw in drain_messages(kafka_bootstrap, topics.dlq, lambda m: m.headers()):
+        assert DeadLetterRecord.model_validate(dead_letter_record(raw)).source.model_dump()["topic"] == topics.input
     assert dlq_sources(dlq, topics.input) == Counter(set(faults)), "a fault missing or doubled on the DLQ"
     check_dead_letters(dlq, inputs, topics.input)
     assert {r.fault for r in dlq} >= set(MALFORMED_KINDS)

@@ -62,7 +62,8 @@ def test_report_writes_a_png_of_the_interesting_devices(liquidstream: Any, files
                        "--out", str(out), "--devices", "3"])
     assert rc == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert summary == {"out": str(out), "devices": ["d1", "d2", "d3"], "alerts": 2, "incidents": 2}
+    assert summary == {"out": str(out), "devices": ["d1", "d2", "d3"], "alerts": 2, "incidents": 2,
+                       "skipped_readings": 0}
     data = out.read_bytes()
     assert data.startswith(PNG_MAGIC) and len(data) > 20_000
 
@@ -84,19 +85,23 @@ def test_report_errors_are_one_line_and_exit_2(liquidstream: Any, files: dict[st
     missing = str(tmp_path / "nope.jsonl")
     assert liquidstream(["report", "--readings", missing, *_args(files, "predictions", "alerts")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"liquidstream report: error: --readings {missing}: no such file"
+    assert err.startswith(f"liquidstream report: error: --readings {missing}: no such file (")
+    assert "\n" not in err
     empty = _write(tmp_path / "empty.jsonl", [])
     assert liquidstream(["report", "--readings", empty, *_args(files, "predictions", "alerts")]) == 2
-    assert "no readings to plot" in capsys.readouterr().err
+    assert "no valid reading" in capsys.readouterr().err
+    # read as replay and the worker read it: a bad line is skipped with its reason, not a crash
     bad = _write(tmp_path / "bad.jsonl", [{"device_id": "d0", "ts": "soon", "values": [1, 2]}])
     assert liquidstream(["report", "--readings", bad, *_args(files, "predictions", "alerts")]) == 2
-    assert "malformed field" in capsys.readouterr().err
+    assert "no valid reading to plot (line 1: ts must be an integer (epoch ms), got string)" in capsys.readouterr().err
 
 
 def test_report_flags_parse_with_the_real_parser() -> None:
     parser = cli.build_parser()
     args = parser.parse_args(["report", "--readings", "r", "--predictions", "p", "--alerts", "a"])
-    assert (args.out, args.devices, args.incidents, args.channels) == ("report.png", 4, None, 2)
+    assert (args.out, args.devices, args.incidents, args.plot_channels) == ("report.png", 4, None, 2)
+    assert parser.parse_args(["report", "--readings", "r", "--predictions", "p", "--alerts", "a",
+                              "--channels", "3"]).plot_channels == 3  # the old name, kept as an alias
     assert args._handlers["report"] is cli_ops._cmd_report
     assert isinstance(args, argparse.Namespace)
     with pytest.raises(SystemExit):

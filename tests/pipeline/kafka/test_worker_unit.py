@@ -281,10 +281,13 @@ class FakeProducer:
         self.sent: list[tuple[str, bytes | None, bytes | None, int | None]] = []
         self.committed: list[tuple[str, bytes | None, bytes | None, int | None]] = []  # in committed txns
         self.offsets: list[dict[tuple[str, int], int]] = []
+        self.timestamps: list[tuple[str, int]] = []
 
     def produce(self, topic: str, value: bytes | None = None, key: bytes | None = None, partition: int = -1,
-                on_delivery: Callable[[Any, Any], None] | None = None, **kw: Any) -> None:
-        assert on_delivery is not None and set(kw) <= {"headers"}  # as the real client parses its arguments
+                on_delivery: Callable[[Any, Any], None] | None = None, callback: Any = None, timestamp: int = 0,
+                headers: Any = None) -> None:  # the real client's argument order
+        assert on_delivery is not None and callback is None and isinstance(timestamp, int)
+        self.timestamps.append((topic, timestamp))
         self.log.append(f"produce:{topic}")
         self.queued.append((topic, on_delivery))
         self.sent.append((topic, key, value, None if partition == -1 else partition))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from liquidstream.pipeline.offline.demo import DemoConfig, run_demo
 from liquidstream.pipeline.settings import Settings
+from liquidstream.pipeline.wire.contract import AlertRecord, PredictionRecord
 
 
 def test_small_demo_writes_consistent_outputs(tmp_path: Path) -> None:
@@ -21,6 +22,10 @@ def test_small_demo_writes_consistent_outputs(tmp_path: Path) -> None:
     alerts = (tmp_path / "alerts.jsonl").read_text().splitlines()
     assert len(preds) == summary["predictions"] == summary["events"]  # simulator emits no late/duplicates
     assert len(alerts) == summary["alerts"]
+    # the demo writes the same published records as replay and the worker: each validates against the contract
+    for k, line in enumerate(preds, start=1):
+        assert PredictionRecord.model_validate_json(line).source.model_dump() == {"file": "demo:simulator", "line": k}
+    assert alerts and all(AlertRecord.model_validate_json(line) for line in alerts)
     assert summary["devices"] == 12
     assert 0.0 <= summary["precision"] <= 1.0 and 0.0 <= summary["recall"] <= 1.0
     assert summary["incidents"]["incidents"] > 0

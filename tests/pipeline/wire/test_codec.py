@@ -17,7 +17,8 @@ from pydantic import ValidationError
 from liquidstream.pipeline.errors import ConfigurationError, DecodeError, EncodeError
 from liquidstream.pipeline.settings import Settings
 from liquidstream.pipeline.wire.codec import DecodedBatch, DecodeLimits, Reject, decode_batch, encode_json
-from liquidstream.pipeline.wire.schemas import FLOAT32_OVERFLOW, DeadLetterReason, Reading, Source, reason_for
+from liquidstream.pipeline.wire.contract import Source
+from liquidstream.pipeline.wire.schemas import FLOAT32_OVERFLOW, DeadLetterReason, Reading, reason_for
 
 R = DeadLetterReason
 NOW = 1_700_000_000_000  # epoch ms

@@ -39,6 +39,8 @@ def test_header_names_order_and_values() -> None:
         ("ls.source.offset", b"1234"),
         ("ls.failed.at", b"1700000000123"),
         ("ls.worker", b"worker-a"),
+        ("ls.schema", b"dead-letter"),
+        ("ls.schema.version", b"1"),
     ]
     assert all(isinstance(name, str) and isinstance(value, bytes) for name, value in headers)
 
@@ -58,6 +60,7 @@ def test_parse_is_the_inverse(reason: DeadLetterReason) -> None:
     assert parse_dead_letter_headers(headers) == {
         HEADER_CLASS: reason.value, HEADER_REASON: "détail ü", HEADER_TOPIC: "in-topic",
         HEADER_PARTITION: "2", HEADER_OFFSET: str(2**40), HEADER_FAILED_AT: "5", HEADER_WORKER: "w",
+        "ls.schema": "dead-letter", "ls.schema.version": "1",
     }
 
 

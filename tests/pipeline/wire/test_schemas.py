@@ -13,17 +13,9 @@ from pydantic import ValidationError
 
 from liquidstream.operators import AlertReason, Forecaster, LiquidOperator, OperatorSettings
 from liquidstream.pipeline.wire.codec import encode_json
+from liquidstream.pipeline.wire.contract import AlertRecord, PredictionRecord, Source, json_schema
 from liquidstream.pipeline.wire.records import alert_records, encode_predictions, prediction_records
-from liquidstream.pipeline.wire.schemas import (
-    FLOAT32_OVERFLOW,
-    AlertRecord,
-    DeadLetterReason,
-    PredictionRecord,
-    Reading,
-    Source,
-    reason_for,
-    wire_json_schemas,
-)
+from liquidstream.pipeline.wire.schemas import FLOAT32_OVERFLOW, DeadLetterReason, Reading, reason_for
 
 TS = 1_700_000_000_000  # epoch ms
 
@@ -133,7 +125,7 @@ def test_non_objects_are_schema(obj: Any) -> None:
 def test_reason_values_are_stable() -> None:
     assert [r.value for r in DeadLetterReason] == [
         "empty", "oversize", "undecodable", "malformed_json", "schema", "non_finite", "wrong_length",
-        "bad_timestamp", "key_mismatch", "late", "duplicate",
+        "bad_timestamp", "key_mismatch", "late", "duplicate", "incomplete",
     ]
     assert DeadLetterReason("late") is DeadLetterReason.LATE
     assert f"{DeadLetterReason.NON_FINITE}" == "non_finite"
@@ -198,7 +190,7 @@ def test_prediction_records_carry_a_calibrated_anomaly_score() -> None:
     assert scores[0] is None and all(s is not None and 0.0 <= s <= 1.0 for s in scores[1:])
     calm = [s for s in scores[21:50] if s is not None]
     assert min(scores[50:52]) > max(calm)  # type: ignore[type-var]  # the spike and the return from it stand out
-    assert "anomaly_score" in wire_json_schemas()["PredictionRecord"]["required"]
+    assert "anomaly_score" in json_schema("prediction")["required"]
 
 
 def test_alert_records_the_worker_publishes_follow_the_schema() -> None:
@@ -211,7 +203,7 @@ def test_alert_records_the_worker_publishes_follow_the_schema() -> None:
     for _, value in records:
         rec = AlertRecord.model_validate(value)
         assert rec.reason in set(AlertReason)
-    assert "reason" in wire_json_schemas()["AlertRecord"]["required"]
+    assert "reason" in json_schema("alert")["required"]
 
 
 @pytest.mark.parametrize("bad", [{"partition": -1}, {"offset": -1}])
@@ -221,10 +213,10 @@ def test_source_coordinates_are_non_negative(bad: dict[str, int]) -> None:
 
 
 def test_json_schemas_document_the_contract() -> None:
-    schemas = wire_json_schemas()
-    reading = schemas["Reading"]
+    schemas = {name: json_schema(name) for name in ("reading", "prediction")}
+    reading = schemas["reading"]
     assert reading["properties"]["ts"]["type"] == "integer"
     assert reading["properties"]["values"]["items"]["type"] == "number"
     assert reading["properties"]["device_id"]["maxLength"] == 256
-    assert set(schemas["PredictionRecord"]["required"]) >= {"forecast_ts", "score", "source", "status"}
+    assert set(schemas["prediction"]["required"]) >= {"forecast_ts", "score", "source", "status"}
     assert json.dumps(schemas)  # serialisable as-is for the docs
