@@ -27,6 +27,7 @@ from liquidstream.pipeline.cli.args import (
     kafka_flags,
     non_negative_float,
     port,
+    positive_float,
     positive_int,
 )
 from liquidstream.pipeline.errors import ConfigurationError, PipelineError, TrainerFenced
@@ -47,14 +48,6 @@ log = logging.getLogger("liquidstream")
 TRAINER_MAX_SILENCE_S = 900.0
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:  # also rejects NaN
-        msg = f"must be > 0, got {text}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def register(sub: Any) -> Handler:
     p = sub.add_parser("train-worker", help="fine-tune the forecaster on the live readings; publish signed updates")
     kafka_flags(p)
@@ -72,7 +65,7 @@ def register(sub: Any) -> Handler:
     p.add_argument("--channels", type=positive_int, default=None,
                    help=f"channels of the untrained model used without any model (default {DEFAULT_CHANNELS})")
     device_flag(p)
-    p.add_argument("--interval", dest="trainer_interval_s", type=_positive_float, default=None, metavar="SECONDS",
+    p.add_argument("--interval", dest="trainer_interval_s", type=positive_float, default=None, metavar="SECONDS",
                    help="seconds between candidate trainings (LIQUIDSTREAM_TRAINER_INTERVAL_S, default 60)")
     p.add_argument("--max-updates", type=positive_int, default=None,
                    help="exit 0 after publishing this many (default: no limit)")
