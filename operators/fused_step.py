@@ -22,7 +22,7 @@ import torch
 
 from liquidstream.operators.config import OperatorSettings
 from liquidstream.operators.forecaster import Forecaster
-from liquidstream.operators.layout import FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, OutputRows
+from liquidstream.operators.layout import FLAG_CLOSED, FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, OutputRows
 from liquidstream.operators.normalization import CLIP_Z, scale, update_stats
 from liquidstream.operators.result import AlertReason as R
 from liquidstream.operators.scoring import AlertState, AnomalyScorer, Likelihood, Surprise, learn, surprise
@@ -96,8 +96,8 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     """One reading for each of B distinct devices, channels first: ``idx`` store rows, ``x`` float32 [C, B] raw
     values, ``ts`` int64 event time ms (unused: the alert machine counts readings), ``dt`` float32 seconds since
     the previous applied reading, ``cnt`` readings applied before, ``reset`` bool [B] (None: no row resets);
-    writes ``o_f`` float32 [3C + 4, B] (forecast | std | z | horizon, score, threshold, anomaly_score) and
-    ``o_b`` int8 [3, B] (in_alert | opened | reason)."""
+    writes ``o_f`` float32 [3C + 6, B] and ``o_b`` int8 [4, B], rows as
+    :class:`~liquidstream.operators.layout.OutputRows` and the ``FLAG_*`` rows name them."""
     del ts  # event time drives the wave plan (order, gaps), not the step
     s, c = settings, model.n_channels
     w = WaveState(store, idx)
@@ -189,17 +189,28 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     score = log10_p.neg().add_(0.0)  # L, decades of surprise (NaN on first readings); + 0.0 turns -0.0 into 0.0
     o_f[rows.horizon], o_f[rows.score], o_f[rows.threshold] = gap, score, scorer.threshold
     torch.div(score, score + SCORE_HALF, out=o_f[rows.anomaly_score])
-    o_b[FLAG_IN_ALERT], o_b[FLAG_OPENED] = alert.in_alert, alert.opened
+    closed = alert.closed
+    o_b[FLAG_IN_ALERT], o_b[FLAG_OPENED], o_b[FLAG_CLOSED] = alert.in_alert, alert.opened, closed
     reason = torch.full_like(stuck, R.ANOMALY_LIKELIHOOD.code, dtype=torch.int8)
     if s.level_rule:
         level = scored[-1][3].log10_p
         reason = torch.where(level <= best, R.LEVEL_DEVIATION.code, reason)  # the level rule was the surprise
     if s.stuck_rule:
         reason = torch.where(condition, R.STUCK_SENSOR.code, reason)
-    o_b[FLAG_REASON] = reason
+    # The alert's lifecycle: why it opened, its peak score and its length, reported on the reading that closes it.
+    was_open = f("alert_open")
+    alert_reason = torch.where(alert.opened, reason.to(torch.int16), f("alert_reason"))
+    o_b[FLAG_REASON] = torch.where(alert.opened | ~(was_open | alert.in_alert), reason, alert_reason.to(torch.int8))
+    live = alert.in_alert | closed
+    s_now = score.nan_to_num(0.0)
+    peak = torch.where(alert.opened, s_now, torch.where(live, torch.maximum(f("alert_peak"), s_now), 0.0))
+    o_f[rows.alert_peak] = peak
+    o_f[rows.alert_readings] = torch.where(alert.opened, 1, torch.where(live, f("alert_age") + 2, 0))
     # 7. new values into the wave's columns, then one transposed copy and one scatter per block
     for name, value in (("x_last", x), ("mean", mean), ("var", var), ("calib", calib), ("gap_ema", gap),
                         ("stuck", stuck_run), ("repeats", repeats), ("alert_open", alert.state.open),
-                        ("alert_age", alert.state.age), ("cooldown", alert.state.cooldown), ("calm", alert.state.calm)):
+                        ("alert_age", alert.state.age), ("cooldown", alert.state.cooldown), ("calm", alert.state.calm),
+                        ("alert_peak", torch.where(alert.in_alert, peak, 0.0)),
+                        ("alert_reason", torch.where(alert.in_alert, alert_reason, 0))):
         w.set(name, value)
     w.scatter()

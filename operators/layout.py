@@ -8,20 +8,21 @@ quantity is added here and nowhere else.
 
 >>> rows = OutputRows(channels=2)
 >>> rows.forecast, rows.std, rows.z, rows.horizon, rows.score, rows.threshold, rows.anomaly_score, rows.float_rows
-(slice(0, 2, None), slice(2, 4, None), slice(4, 6, None), 6, 7, 8, 9, 10)
->>> FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_ROWS
-(0, 1, 2, 3)
+(slice(0, 2, None), slice(2, 4, None), slice(4, 6, None), 6, 7, 8, 9, 12)
+>>> FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_CLOSED, FLAG_ROWS
+(0, 1, 2, 3, 4)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["FLAG_IN_ALERT", "FLAG_OPENED", "FLAG_REASON", "FLAG_ROWS", "OutputRows"]
+__all__ = ["FLAG_CLOSED", "FLAG_IN_ALERT", "FLAG_OPENED", "FLAG_REASON", "FLAG_ROWS", "OutputRows"]
 
-#: Rows of the int8 block: an alert is open after the reading | the reading opened one | the AlertReason code.
-FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON = 0, 1, 2
-FLAG_ROWS = 3
+#: Rows of the int8 block: an alert is open after the reading | the reading opened one | the AlertReason code
+#: (of the alert open after the reading, or of the one it closed) | the reading closed one.
+FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_CLOSED = 0, 1, 2, 3
+FLAG_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -67,5 +68,16 @@ class OutputRows:
         return 3 * self.channels + 3
 
     @property
-    def float_rows(self) -> int:
+    def alert_peak(self) -> int:
+        """Largest score of the alert open after this reading, or of the one it closed, decades (else 0)."""
         return 3 * self.channels + 4
+
+    @property
+    def alert_readings(self) -> int:
+        """Readings of the alert open after this reading, or of the one it closed, from the opening reading
+        to this one included (else 0)."""
+        return 3 * self.channels + 5
+
+    @property
+    def float_rows(self) -> int:
+        return 3 * self.channels + 6

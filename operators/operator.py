@@ -20,8 +20,8 @@ from liquidstream.operators.config import OperatorSettings
 from liquidstream.operators.errors import InputError
 from liquidstream.operators.forecaster import Forecaster
 from liquidstream.operators.fused_step import run_wave
-from liquidstream.operators.layout import FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_ROWS, OutputRows
-from liquidstream.operators.result import Alert, AlertReason, StepResult
+from liquidstream.operators.layout import FLAG_CLOSED, FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_ROWS, OutputRows
+from liquidstream.operators.result import Alert, AlertClosed, AlertReason, StepResult
 from liquidstream.operators.scoring import AnomalyScorer
 from liquidstream.operators.state.fields import LEVEL_FIELDS
 from liquidstream.operators.state.store import DeviceStateStore
@@ -123,7 +123,7 @@ class LiquidOperator:
         np.take(ts_ms, plan.source, out=ints[1])
         fl_t, ints_t = self._to_device(fl), self._to_device(ints)
         out_f = torch.empty(OutputRows(c).float_rows, m, device=self.device)  # rows named by OutputRows
-        out_b = torch.empty(FLAG_ROWS, m, dtype=torch.int8, device=self.device)  # in_alert | opened | reason
+        out_b = torch.empty(FLAG_ROWS, m, dtype=torch.int8, device=self.device)  # in_alert | opened | reason | closed
         for k in range(plan.n_waves):
             lo, hi = int(plan.bounds[k]), int(plan.bounds[k + 1])
             reset = ints_t[3, lo:hi] != 0 if plan.reset[lo:hi].any() else None  # known on the host: no sync
@@ -133,7 +133,7 @@ class LiquidOperator:
         last = plan.last_rows
         host["last_ts_ms"][last] = np.maximum(host["last_ts_ms"][last], plan.last_ts_ms)
         host["count"][last] = plan.count_after
-        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, out_f, out_b)
+        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, plan.rows, out_f, out_b)
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
@@ -151,7 +151,7 @@ class LiquidOperator:
         run_wave(self.settings, self.scorer, self.model, self.store, idx, x, ts, dt, cnt, reset, o_f, o_b)
 
     def _assemble(self, device_ids: Sequence[str], ts_ms: np.ndarray, status: np.ndarray, long_gap: np.ndarray,
-                  source: np.ndarray, out_f: torch.Tensor, out_b: torch.Tensor) -> StepResult:
+                  source: np.ndarray, rows: np.ndarray, out_f: torch.Tensor, out_b: torch.Tensor) -> StepResult:
         n, c = len(device_ids), self.n_channels
         layout = OutputRows(c)
         # One device-to-host copy per block, then one scatter into input order (NaN / False: not applied).
@@ -162,20 +162,36 @@ class LiquidOperator:
         in_alert[source] = flags[FLAG_IN_ALERT] != 0
         res_score, res_thr = res_f[:, layout.score].copy(), res_f[:, layout.threshold].copy()
         alerts: list[Alert] = []
+        closed: list[AlertClosed] = []
         opened_pos = np.flatnonzero(flags[FLAG_OPENED])
+        top = np.zeros((0, 0), np.int64)
         if opened_pos.size:
             k = min(self.settings.top_channels, c)
             z = torch.from_numpy(res_f[source[opened_pos], layout.z].copy())
             top = torch.topk(z, k, dim=1).indices.numpy()
-            for j, p in enumerate(opened_pos.tolist()):
-                i = int(source[p])
+        # Openings and closings in wave order (a device's readings in event time), so that an alert opened and
+        # closed within one batch gets its own opening time; the opening time lives in the store (its id).
+        opened_at = {int(p): j for j, p in enumerate(opened_pos.tolist())}
+        open_ms = self.store.host["alert_open_ms"]
+        for p in np.flatnonzero(flags[FLAG_OPENED] | flags[FLAG_CLOSED]).tolist():
+            i, row = int(source[p]), int(rows[p])
+            code = AlertReason.from_code(int(flags[FLAG_REASON, p]))
+            if p in opened_at:
+                open_ms[row] = ts_ms[i]
                 sc, th = float(res_score[i]), float(res_thr[i])
-                alerts.append(Alert(device_ids[i], int(ts_ms[i]), sc, th,
-                                    self.scorer.severity(sc, th), tuple(int(ch) for ch in top[j]),
-                                    AlertReason.from_code(int(flags[FLAG_REASON, p])), i))
+                alerts.append(Alert(device_ids[i], int(ts_ms[i]), sc, th, self.scorer.severity(sc, th),
+                                    tuple(int(ch) for ch in top[opened_at[p]]), code, i))
+                continue
+            readings = int(res_f[i, layout.alert_readings])
+            peak, th = float(res_f[i, layout.alert_peak]), float(res_thr[i])
+            closed.append(AlertClosed(device_ids[i], int(open_ms[row]), int(ts_ms[i]), peak, th,
+                                      self.scorer.severity(peak, th), code, readings,
+                                      readings >= self.settings.max_alert_events + 1, i))
+            open_ms[row] = 0
+        closed.sort(key=lambda a: a.index)
         alerts.sort(key=lambda a: a.index)  # input order, not wave order
         return StepResult(status=status, long_gap=long_gap, forecast=np.ascontiguousarray(res_f[:, layout.forecast]),
                           forecast_std=np.ascontiguousarray(res_f[:, layout.std]),
                           horizon_s=res_f[:, layout.horizon].copy(),
                           score=res_score, threshold=res_thr, is_alert=in_alert, ts_ms=ts_ms,
-                          anomaly_score=res_f[:, layout.anomaly_score].copy(), alerts=alerts)
+                          anomaly_score=res_f[:, layout.anomaly_score].copy(), alerts=alerts, closed=closed)

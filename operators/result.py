@@ -57,6 +57,16 @@ class AlertReason(StrEnum):
 _REASON_ORDER: tuple[AlertReason, ...] = tuple(AlertReason)
 
 
+def alert_id(device_id: str, opened_ms: int) -> str:
+    """The stable id of an alert: its device and the event time of the reading that opened it (a device has
+    at most one alert open, so the pair is unique; it survives a restart, being made of event data).
+
+    >>> alert_id("pump-7", 1700000000000)
+    'pump-7@1700000000000'
+    """
+    return f"{device_id}@{opened_ms}"
+
+
 @dataclass(frozen=True)
 class Alert:
     """One incident on one device, reported once when it opens."""
@@ -69,6 +79,34 @@ class Alert:
     channels: tuple[int, ...]  # channel indices, largest standardised residual first
     reason: AlertReason
     index: int  # position of the triggering event in the process() input
+
+    @property
+    def alert_id(self) -> str:
+        return alert_id(self.device_id, self.ts_ms)
+
+
+@dataclass(frozen=True)
+class AlertClosed:
+    """The end of an incident, reported once, on the reading that closed it."""
+
+    device_id: str
+    opened_ms: int  # event time of the reading that opened it, epoch ms (with device_id: the alert's id)
+    ts_ms: int  # event time of the reading that closed it, epoch ms
+    peak_score: float  # largest score while it was open, decades
+    threshold: float
+    severity: str  # of the peak: "warning" | "critical"
+    reason: AlertReason  # why it opened
+    readings: int  # from the opening reading to the closing one, both included
+    max_duration: bool  # closed because it reached max_alert_events (else: calm readings)
+    index: int  # position of the closing event in the process() input
+
+    @property
+    def alert_id(self) -> str:
+        return alert_id(self.device_id, self.opened_ms)
+
+    @property
+    def duration_ms(self) -> int:
+        return self.ts_ms - self.opened_ms
 
 
 @dataclass(frozen=True)
@@ -93,7 +131,8 @@ class StepResult:
     is_alert: np.ndarray  # bool [N]: an alert is open on the device after this reading
     ts_ms: np.ndarray  # int64 [N], echo of the input event times
     anomaly_score: np.ndarray  # float32 [N], in [0, 1)
-    alerts: list[Alert] = field(default_factory=list)
+    alerts: list[Alert] = field(default_factory=list)  # alerts opened, in input order
+    closed: list[AlertClosed] = field(default_factory=list)  # alerts closed, in input order
 
     @property
     def applied(self) -> np.ndarray:

@@ -28,7 +28,8 @@ from liquidstream.operators.errors import StateFormatError
 MAGIC = b"LSSTATE\0"
 #: 2: the anomaly-likelihood detector's fields (``d_*``, ``a_*``, ``lik_n``, ``commissioning``, ``alert_age``,
 #: ``cooldown``) replaced the adaptive-threshold ones; a version 1 snapshot is refused, not misread.
-FORMAT_VERSION = 2
+#: 3: the alert lifecycle's fields (``alert_peak``, ``alert_reason``, ``alert_open_ms``).
+FORMAT_VERSION = 3
 _PREFIX = struct.Struct("<8sHI")
 
 

@@ -26,11 +26,14 @@ field               dtype / shape    meaning
 ``alert_age``       int32            readings since the open alert opened
 ``cooldown``        int32            readings during which no new alert opens
 ``calm``            int32            consecutive calm readings while an alert is open (hysteresis)
+``alert_peak``      float32          largest score of the open alert so far, decades (0 when none is open)
+``alert_reason``    int16            AlertReason code of the open alert (why it opened)
 ``stuck``           int16 [C]        consecutive exactly-repeated values per channel
 ``repeats``         bool [C]         the channel repeated values during commissioning (quantised, flat):
                                      the stuck rule leaves it alone
 ``last_ts_ms``      int64 (host)     event time of the last applied reading, epoch ms
 ``count``           int32 (host)     readings applied so far
+``alert_open_ms``   int64 (host)     event time of the reading that opened the open alert, epoch ms (its id)
 ==================  ===============  =====================================================================
 
 ``last_ts_ms`` and ``count`` live in numpy on the host because the event-time policies run there; the
@@ -76,6 +79,8 @@ TORCH_FIELDS: tuple[tuple[str, torch.dtype, str], ...] = (
     ("alert_age", torch.int32, ""),
     ("cooldown", torch.int32, ""),
     ("calm", torch.int32, ""),
+    ("alert_peak", torch.float32, ""),
+    ("alert_reason", torch.int16, ""),
     ("stuck", torch.int16, "C"),
     ("repeats", torch.bool, "C"),
 )
@@ -85,7 +90,8 @@ LEVEL_FIELDS = likelihood_fields("l")
 #: calibration ratios start at 1 (nothing divides by zero); ``commissioning`` -1 means "the setting's length".
 NEUTRAL: dict[str, int] = {"var": 1, "calib": 1, "commissioning": -1} | {
     f"{k}_{f}": 1 for k in ("d", "a", "l") for f in ("s2", "v", "cal")}
-HOST_FIELDS: tuple[tuple[str, type[np.generic]], ...] = (("last_ts_ms", np.int64), ("count", np.int32))
+HOST_FIELDS: tuple[tuple[str, type[np.generic]], ...] = (("last_ts_ms", np.int64), ("count", np.int32),
+                                                         ("alert_open_ms", np.int64))
 #: Capacity grows by this factor (at least): 1.125 keeps the unused tail small (1/16 of the rows on
 #: average) at the price of more, still amortised O(1), copies while devices arrive.
 GROWTH = 1.125

@@ -148,7 +148,7 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
             continue  # its reading already has a prediction; an unencodable alert is only lost signal
         out.records.append(OutRecord(topics.alerts, rec["device_id"].encode("utf-8"), value, _ALERT_HEADERS, None,
                                      rec["ts"] if topics.event_time else 0))
-        out.alerts += 1
+        out.alerts += rec["event"] == "opened"  # the alerts metric counts incidents
     for k in np.flatnonzero(~result.applied).tolist():
         reason, detail = _drop_detail(EventStatus(int(result.status[k])), decoded.device_ids[k],
                                       int(decoded.ts_ms[k]))

@@ -99,16 +99,19 @@ def run_demo(settings: Settings, out_dir: Path, cfg: DemoConfig | None = None, *
             for i, rec in alert_records(res, version):
                 rec["source"] = {"file": DEMO_SOURCE, "line": lo + i + 1}
                 alerts.append(rec)
-            bar.update(hi, len(ids), events_per_s=hi / max(compute_s, 1e-9), alerts=len(alerts))
+            bar.update(hi, len(ids), events_per_s=hi / max(compute_s, 1e-9),
+                       alerts=sum(a["event"] == "opened" for a in alerts))
     with (out_dir / "alerts.jsonl").open("w") as f:
         f.writelines(json.dumps(a) + "\n" for a in alerts)
     incidents = [i for i in sim.incidents if i.start_ms >= cut_ms]
     with (out_dir / "incidents.jsonl").open("w") as f:
         f.writelines(json.dumps(i.to_dict()) + "\n" for i in incidents)
-    quality = score_incidents(((a["device_id"], a["ts"]) for a in alerts),
+    opened = [a for a in alerts if a["event"] == "opened"]  # one per incident; closed records follow them
+    quality = score_incidents(((a["device_id"], a["ts"]) for a in opened),
                               ((i.device_id, i.kind, i.start_ms, i.end_ms) for i in incidents))
-    _plot(out_dir / "plot.png", cfg, ids, ts, vals, fts, forecasts, stds, alerts, incidents)
-    summary = {"events": len(ids), "devices": len(set(ids)), "predictions": n_pred, "alerts": len(alerts),
+    _plot(out_dir / "plot.png", cfg, ids, ts, vals, fts, forecasts, stds, opened, incidents)
+    summary = {"events": len(ids), "devices": len(set(ids)), "predictions": n_pred, "alerts": len(opened),
+               "alerts_closed": len(alerts) - len(opened),
                "precision": round(quality.precision, 4), "recall": round(quality.recall, 4),
                "events_per_s": round(len(ids) / max(compute_s, 1e-9), 1),
                "events_per_s_note": "operator.process time only (state, waves, scoring), excluding JSON output",

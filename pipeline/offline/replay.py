@@ -135,7 +135,7 @@ def run_replay(settings: Settings, input_path: Path, out_dir: Path, cfg: ReplayC
 
     invalid = [{"line": r.index + 1, "reason": str(r.reason), "detail": r.detail, "source": src(r.index + 1)}
                for r in batch.rejects]
-    n_pred = n_alerts = 0
+    n_pred = n_alerts = n_closed = 0
     step = settings.batch_max_messages
     with (out_dir / "predictions.jsonl").open("w") as pf, (out_dir / "alerts.jsonl").open("w") as af, \
             Progress("replay", unit="ev", enabled=show) as bar:
@@ -150,7 +150,8 @@ def run_replay(settings: Settings, input_path: Path, out_dir: Path, cfg: ReplayC
             for i, rec in alert_records(res, version, channel_names=batch.channels[lo:hi]):
                 rec["source"] = src(int(batch.index[lo + i]) + 1)
                 af.write(json.dumps(rec) + "\n")
-                n_alerts += 1
+                n_alerts += rec["event"] == "opened"
+                n_closed += rec["event"] == "closed"
             for i in np.flatnonzero(~res.applied).tolist():
                 label = "late" if res.status[i] == EventStatus.LATE_DROPPED else "duplicate"
                 line = int(batch.index[lo + i]) + 1
@@ -162,7 +163,8 @@ def run_replay(settings: Settings, input_path: Path, out_dir: Path, cfg: ReplayC
         f.writelines(json.dumps(r) + "\n" for r in invalid)
     lines = assembled + len(batch.rejects)
     summary = {"lines": lines, "valid": len(batch), "invalid": len(invalid), "predictions": n_pred,
-               "alerts": n_alerts, "devices": len(op.store), "channels": c, "model_version": version,
+               "alerts": n_alerts, "alerts_closed": n_closed, "devices": len(op.store), "channels": c,
+               "model_version": version,
                "invalid_by_reason": _count(r["reason"] for r in invalid)}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -118,6 +118,8 @@ def load_series(readings_jsonl: StrPath | DecodedBatch, predictions_jsonl: StrPa
                     item = (int(row.get("forecast_ts", row["ts"])), [float(v) for v in row["forecast"]],
                             [float(v) for v in row["forecast_std"]])
                 elif key == "a":
+                    if row.get("event", "opened") != "opened":
+                        continue  # a closed record: the plot marks where alerts open
                     item = int(row["ts"])
                 else:
                     item = (int(row["start_ms"]), int(row["end_ms"]))

@@ -125,22 +125,50 @@ class PredictionRecord(BaseModel):
 
 
 class AlertRecord(BaseModel):
-    """An opened anomaly alert, published to the alerts topic (key = ``device_id``): one per incident."""
+    """An anomaly alert's lifecycle on the alerts topic (key = ``device_id``): one incident is one ``opened``
+    record when it opens and one ``closed`` record, with the same ``alert_id``, on the reading that closes it
+    (after ``exit_after`` calm readings, or ``max_alert_events`` readings open).  Exactly once like every output,
+    across restarts: an alert open at a restart is closed once by the worker that restores its device."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    event: Literal["opened", "closed"] = Field(description='"opened": the alert starts on this reading; "closed": '
+                                                           'it ends on this reading.')
+    alert_id: str = Field(min_length=1, description='Stable id of the alert: "<device_id>@<opened_ts>" (the same in '
+                                                     'its opened and closed records, and across restarts).')
     device_id: str = Field(min_length=1, description="Device the alert is about.")
-    ts: int = Field(description="Event time of the reading that opened the alert, epoch ms.")
-    score: FiniteFloat = Field(description="score of that reading, decades (-log10 of its tail probability).")
+    ts: int = Field(description="Event time of the reading that opened (opened) or closed (closed) the alert, "
+                                "epoch ms.")
+    score: FiniteFloat = Field(description="opened: score of that reading; closed: the largest score while the alert "
+                                           "was open (its peak). Decades (-log10 of the tail probability).")
     threshold: FiniteFloat = Field(description="The device's alert threshold, decades (the score exceeded it).")
     severity: Literal["warning", "critical"] = Field(
         description='"critical" when score >= 2 x threshold (tail probability below alert_probability squared), '
-                    'else "warning".')
+                    'else "warning" (closed: of the peak).')
     reason: AlertReason = Field(description="Why the alert opened. " + _listing(AlertReason, _REASON_MEANING) + ".")
-    channels: list[str] = Field(description='Most anomalous channels, largest standardised residual first: the '
-                                            'reading\'s channel names, or "ch0", "ch1", ... when it had none.')
+    channels: list[str] = Field(description='opened: most anomalous channels, largest standardised residual first: '
+                                            'the reading\'s channel names, or "ch0", "ch1", ... when it had none; '
+                                            'closed: empty.')
     model_version: str = Field(description="Version of the model that scored the reading.")
     source: Source | FileSource = Field(description=_SOURCE)
+    opened_ts: int | None = Field(default=None, description="closed only: event time of the opening reading, epoch ms.")
+    duration_ms: int | None = Field(default=None, ge=0, description="closed only: ts - opened_ts, ms of event time.")
+    readings: int | None = Field(default=None, ge=1, description="closed only: readings from the opening one to the "
+                                                                 "closing one, both included.")
+    closed_by: Literal["calm", "max_duration"] | None = Field(
+        default=None, description='closed only: "calm" (exit_after calm readings in a row) or "max_duration" '
+                                  '(max_alert_events readings open: the new state is accepted as normal).')
+
+    @model_validator(mode="after")
+    def _lifecycle_fields(self) -> AlertRecord:
+        closing = (self.opened_ts, self.duration_ms, self.readings, self.closed_by)
+        if self.event == "closed" and any(v is None for v in closing):
+            msg = "a closed record needs opened_ts, duration_ms, readings and closed_by"
+            raise ValueError(msg)
+        if self.event == "opened" and any(v is not None for v in closing):
+            msg = "opened_ts, duration_ms, readings and closed_by belong to closed records only"
+            raise ValueError(msg)
+        return self
 
 
 class DeadLetterRecord(BaseModel):

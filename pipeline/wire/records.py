@@ -143,17 +143,28 @@ def encode_predictions(device_ids: Sequence[str], result: StepResult, model_vers
 
 def alert_records(result: StepResult, model_version: str, sources: Sequence[SourceCoords] | None = None,
                   channel_names: Sequence[Sequence[str] | None] | None = None) -> list[tuple[int, dict[str, Any]]]:
-    """``(event position, record)`` for every alert opened in this result."""
-    out = []
+    """``(event position, record)`` for every alert opened or closed in this result, in input order (an
+    ``opened`` record, then, on a later reading, its ``closed`` record with the same ``alert_id``)."""
+    out: list[tuple[int, dict[str, Any]]] = []
     for alert in result.alerts:
         names = channel_names[alert.index] if channel_names is not None else None
-        rec: dict[str, Any] = {
-            "device_id": alert.device_id, "ts": alert.ts_ms, "score": alert.score, "threshold": alert.threshold,
-            "severity": alert.severity, "channels": [channel_label(names, c) for c in alert.channels],
-            "reason": alert.reason, "model_version": model_version,
-        }
-        if sources is not None:
-            topic, partition, offset = sources[alert.index]
+        out.append((alert.index, {
+            "event": "opened", "alert_id": alert.alert_id, "device_id": alert.device_id, "ts": alert.ts_ms,
+            "score": alert.score, "threshold": alert.threshold, "severity": alert.severity,
+            "channels": [channel_label(names, c) for c in alert.channels], "reason": alert.reason,
+            "model_version": model_version,
+        }))
+    for closed in result.closed:
+        out.append((closed.index, {
+            "event": "closed", "alert_id": closed.alert_id, "device_id": closed.device_id, "ts": closed.ts_ms,
+            "score": closed.peak_score, "threshold": closed.threshold, "severity": closed.severity, "channels": [],
+            "reason": closed.reason, "model_version": model_version, "opened_ts": closed.opened_ms,
+            "duration_ms": closed.duration_ms, "readings": closed.readings,
+            "closed_by": "max_duration" if closed.max_duration else "calm",
+        }))
+    out.sort(key=lambda item: item[0])
+    if sources is not None:
+        for index, rec in out:
+            topic, partition, offset = sources[index]
             rec["source"] = {"topic": topic, "partition": partition, "offset": offset}
-        out.append((alert.index, rec))
     return out

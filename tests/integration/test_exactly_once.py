@@ -21,6 +21,8 @@ import re
 import signal
 import subprocess
 import time
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +59,18 @@ Prediction = tuple[list[float], list[float], float | None]  # forecast, forecast
 ENV = {"LIQUIDSTREAM_KAFKA_CONFIG": FAST_GROUP_CONFIG}
 
 
-def reference(inputs: dict[Coord, Rec], topic: str, model: Path) -> dict[Coord, Prediction]:
+class Reference(dict[Coord, Prediction]):
+    """Predictions of an uninterrupted run by input coordinates, and its alert lifecycle records
+    (``(event, alert_id, readings)`` counted)."""
+
+    alerts: Counter[tuple[str, str, int | None]]
+
+
+def alert_lifecycle(docs: Iterable[dict[str, Any]]) -> Counter[tuple[str, str, int | None]]:
+    return Counter((d["event"], d["alert_id"], d.get("readings")) for d in docs)
+
+
+def reference(inputs: dict[Coord, Rec], topic: str, model: Path) -> Reference:
     """Predictions of an uninterrupted run: one operator, each partition's messages in offset order."""
     import torch
 
@@ -75,7 +88,8 @@ def reference(inputs: dict[Coord, Rec], topic: str, model: Path) -> dict[Coord, 
         net, doc = load_model(model, "cpu")
         op = LiquidOperator(net, settings.operator, device="cpu", model_version=str(doc["version"]))
         limits = DecodeLimits.from_settings(settings, op.n_channels)
-        out: dict[Coord, Prediction] = {}
+        out = Reference()
+        alert_docs: list[dict[str, Any]] = []
         for p in range(PARTITIONS):
             msgs = [Message(topic=topic, partition=p, offset=o, key=r.key, value=r.value)
                     for (q, o), r in sorted(inputs.items()) if q == p]
@@ -84,6 +98,9 @@ def reference(inputs: dict[Coord, Rec], topic: str, model: Path) -> dict[Coord, 
                 if rec.topic == "p":
                     doc = json.loads(rec.value or b"")
                     out[(p, doc["source"]["offset"])] = (doc["forecast"], doc["forecast_std"], doc["score"])
+                elif rec.topic == "a":
+                    alert_docs.append(json.loads(rec.value or b""))
+        out.alerts = alert_lifecycle(alert_docs)
         return out
     finally:
         torch.set_num_threads(threads)
@@ -114,6 +131,16 @@ def check_exactly_once(bootstrap: str, topics: Topics, inputs: dict[Coord, Rec],
     assert dlq_sources(dlq, topics.input) == {c: 1 for c in faults}, "a fault missing or doubled on the DLQ"
     check_dead_letters(dlq, inputs, topics.input)
     return worst
+
+
+def check_alerts(bootstrap: str, topics: Topics, ref: Reference) -> int:
+    """The committed alerts topic holds the uninterrupted run's lifecycle exactly: every alert opened once and
+    closed at most once (with the same length), none doubled by a restart, none lost.  Returns the count."""
+    got = alert_lifecycle(r.json() for r in drain(bootstrap, topics.alerts))
+    assert got == ref.alerts, f"alert lifecycle differs: extra {got - ref.alerts}, missing {ref.alerts - got}"
+    closed = {aid for event, aid, _ in got if event == "closed"}
+    assert closed <= {aid for event, aid, _ in got if event == "opened"}
+    return sum(got.values())
 
 
 def restored_counts(log: Path) -> list[int]:
@@ -194,8 +221,10 @@ def test_sigkill_at_random_moments_gives_exactly_one_equal_prediction(
         assert restored_counts(tmp_path / f"worker-{life}.log")[0] > 0
     assert stats["restored_devices"] > 0
     worst = check_exactly_once(kafka_bootstrap, topics, inputs, ref)
+    n_alerts = check_alerts(kafka_bootstrap, topics, ref)
     aborted = len(drain(kafka_bootstrap, topics.predictions, committed_only=False)) - len(ref)
-    print(f"\nkilled at committed {at_kill}/{total}; final run {json.dumps(stats)}; {aborted} prediction(s) of "
+    print(f"\n{n_alerts} alert records (opened and closed) equal to the reference's; "
+          f"killed at committed {at_kill}/{total}; final run {json.dumps(stats)}; {aborted} prediction(s) of "
           f"killed transactions invisible to read_committed; max |diff| vs reference {worst:.2e}; "
           f"test {time.monotonic() - t0:.1f} s")
 
@@ -259,5 +288,6 @@ def test_worker_joining_and_leaving_keeps_exactly_once(
                          seed=31, overlap=2500, worker_args=("--batch-max-messages", "500"))
     ref = reference(run.inputs, topics.input, trained_model)
     worst = check_exactly_once(kafka_bootstrap, topics, run.inputs, ref)
+    check_alerts(kafka_bootstrap, topics, ref)
     print(f"\nb joined at {run.joined_at}, left at {run.left_at} of {len(run.inputs)}; a {json.dumps(run.stats_a)}; "
           f"b {json.dumps(run.stats_b)}; max |diff| vs reference {worst:.2e}; test {time.monotonic() - t0:.1f} s")

@@ -78,8 +78,11 @@ def test_worker_processes_every_message_exactly_once(kafka_bootstrap: str, topic
 
     preds = drain(kafka_bootstrap, topics.predictions)
     dlq = drain(kafka_bootstrap, topics.dlq)
-    alerts = [r.json() | {"key": r.key} for r in drain(kafka_bootstrap, topics.alerts)]
+    records = [r.json() | {"key": r.key} for r in drain(kafka_bootstrap, topics.alerts)]
+    alerts = [a for a in records if a["event"] == "opened"]  # one per incident; its closed record follows it
+    closed = Counter(a["alert_id"] for a in records if a["event"] == "closed")
     assert len(preds) == 20_000 and len(dlq) == 265 and len(alerts) == stats["alerts"]
+    assert max(closed.values(), default=1) == 1 and set(closed) <= {a["alert_id"] for a in alerts}
 
     pred_src = pred_sources(preds)
     assert set(pred_src) == valid and max(pred_src.values()) == 1, "a gap or a duplicate among predictions"
@@ -102,7 +105,7 @@ def test_worker_processes_every_message_exactly_once(kafka_bootstrap: str, topic
     check_dead_letters(dlq, inputs, topics.input)
     assert {r.fault for r in dlq} >= set(MALFORMED_KINDS)
 
-    for a in alerts:  # an alert is raised by a valid reading of its own device
+    for a in records:  # an alert opens and closes on valid readings of its own device
         src = inputs[(a["source"]["partition"], a["source"]["offset"])].json()
         assert (a["device_id"], a["ts"], a["key"]) == (src["device_id"], src["ts"], src["device_id"].encode())
     truth = [json.loads(line) for line in (tmp_path / "truth.jsonl").read_text().splitlines()]

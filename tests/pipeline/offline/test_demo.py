@@ -21,7 +21,11 @@ def test_small_demo_writes_consistent_outputs(tmp_path: Path) -> None:
     preds = (tmp_path / "predictions.jsonl").read_text().splitlines()
     alerts = (tmp_path / "alerts.jsonl").read_text().splitlines()
     assert len(preds) == summary["predictions"] == summary["events"]  # simulator emits no late/duplicates
-    assert len(alerts) == summary["alerts"]
+    events = [json.loads(line)["event"] for line in alerts]
+    assert events.count("opened") == summary["alerts"] and events.count("closed") == summary["alerts_closed"]
+    opened = {json.loads(line)["alert_id"] for line in alerts if json.loads(line)["event"] == "opened"}
+    closed = [json.loads(line)["alert_id"] for line in alerts if json.loads(line)["event"] == "closed"]
+    assert len(closed) == len(set(closed)) and set(closed) <= opened, "each alert closes once, after it opened"
     # the demo writes the same published records as replay and the worker: each validates against the contract
     for k, line in enumerate(preds, start=1):
         assert PredictionRecord.model_validate_json(line).source.model_dump() == {"file": "demo:simulator", "line": k}

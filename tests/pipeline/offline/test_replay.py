@@ -93,7 +93,12 @@ def test_commissioning_readings_never_alert(tmp_path: Path, capsys: pytest.Captu
         assert main(["replay", "--input", str(src), "--out", str(out), "--quiet", *flags]) == 0
         preds = _jsonl(out / "predictions.jsonl")
         assert all(0.0 <= float(p["anomaly_score"]) <= 1.0 for p in preds[1:])  # type: ignore[arg-type]
-        return [a["ts"] for a in _jsonl(out / "alerts.jsonl")]
+        records = _jsonl(out / "alerts.jsonl")
+        opened = [a for a in records if a["event"] == "opened"]
+        closed = [a for a in records if a["event"] == "closed"]
+        assert [a["alert_id"] for a in closed] == [a["alert_id"] for a in opened], "each alert closes once"
+        assert all(a["opened_ts"] < a["ts"] and a["readings"] >= 2 for a in closed)
+        return [a["ts"] for a in opened]
 
     assert alerts_with("--commissioning", "200") == [T0 + 250_000]
     assert alerts_with("--commissioning", "280") == []

@@ -163,14 +163,22 @@ def test_prediction_record_rejects_bad_fields(bad: dict[str, Any]) -> None:
 
 
 def test_alert_record() -> None:
-    alert = AlertRecord(device_id="pump-7", ts=TS, score=9.5, threshold=4.0, severity="critical",
-                        reason=AlertReason.STUCK_SENSOR, channels=["ch0", "ch2"], model_version="cfc-1",
-                        source=SOURCE)
+    alert = AlertRecord(event="opened", alert_id=f"pump-7@{TS}", device_id="pump-7", ts=TS, score=9.5,
+                        threshold=4.0, severity="critical", reason=AlertReason.STUCK_SENSOR, channels=["ch0", "ch2"],
+                        model_version="cfc-1", source=SOURCE)
     assert json.loads(encode_json(alert))["reason"] == "stuck_sensor"
     with pytest.raises(ValidationError):
         AlertRecord.model_validate({**alert.model_dump(), "severity": "fatal"})
     with pytest.raises(ValidationError):
         AlertRecord.model_validate({**alert.model_dump(), "reason": "because"})
+    closing = {"event": "closed", "ts": TS + 60_000, "channels": [], "opened_ts": TS, "duration_ms": 60_000,
+               "readings": 61, "closed_by": "calm"}
+    closed = AlertRecord.model_validate({**alert.model_dump(), **closing})
+    assert closed.alert_id == alert.alert_id and closed.closed_by == "calm"
+    with pytest.raises(ValidationError, match="closed record needs"):
+        AlertRecord.model_validate({**alert.model_dump(), "event": "closed"})
+    with pytest.raises(ValidationError, match="closed records only"):
+        AlertRecord.model_validate({**alert.model_dump(), "readings": 3})
 
 
 def test_prediction_records_carry_a_calibrated_anomaly_score() -> None:
@@ -195,14 +203,18 @@ def test_prediction_records_carry_a_calibrated_anomaly_score() -> None:
 
 def test_alert_records_the_worker_publishes_follow_the_schema() -> None:
     """What :func:`alert_records` builds from a real operator result validates, ``reason`` included."""
-    op = LiquidOperator(Forecaster(n_channels=2, hidden_size=4), OperatorSettings(warmup_events=2, stuck_after=3))
+    op = LiquidOperator(Forecaster(n_channels=2, hidden_size=4),
+                        OperatorSettings(warmup_events=2, stuck_after=3, max_alert_events=4, cooldown_events=2))
     n = 12
     result = op.process(["d"] * n, np.arange(n, dtype=np.int64) * 1000 + TS, np.ones((n, 2), np.float32))
     records = alert_records(result, op.model_version, [("in", 0, i) for i in range(n)])
     assert records, "a channel repeating one value opens a stuck_sensor alert"
-    for _, value in records:
+    assert [i for i, _ in records] == sorted(i for i, _ in records), "in input order"
+    events = [(rec["event"], rec["alert_id"]) for _, rec in records]
+    assert events[:2] == [("opened", events[0][1]), ("closed", events[0][1])], events  # closed at max length
+    for index, value in records:
         rec = AlertRecord.model_validate(value)
-        assert rec.reason in set(AlertReason)
+        assert rec.reason in set(AlertReason) and rec.source.offset == index  # type: ignore[union-attr]
     assert "reason" in json_schema("alert")["required"]
 
 
