@@ -198,10 +198,9 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     if s.stuck_rule:
         reason = torch.where(condition, R.STUCK_SENSOR.code, reason)
     # The alert's lifecycle: why it opened, its peak score and its length, reported on the reading that closes it.
-    was_open = f("alert_open")
+    live = alert.in_alert | closed  # an alert is open at this reading (it may close on it)
     alert_reason = torch.where(alert.opened, reason.to(torch.int16), f("alert_reason"))
-    o_b[FLAG_REASON] = torch.where(alert.opened | ~(was_open | alert.in_alert), reason, alert_reason.to(torch.int8))
-    live = alert.in_alert | closed
+    o_b[FLAG_REASON] = torch.where(alert.opened | ~live, reason, alert_reason.to(torch.int8))
     s_now = score.nan_to_num(0.0)
     peak = torch.where(alert.opened, s_now, torch.where(live, torch.maximum(f("alert_peak"), s_now), 0.0))
     o_f[rows.alert_peak] = peak

@@ -239,7 +239,7 @@ class Trainer:
             raise InputError(msg)
         d, t = seqs.mask.shape
         learn, val = seqs.mask, None
-        self.validation = []
+        self.validation, self.stopped = [], None
         if holdout > 0:
             steps = torch.arange(t).unsqueeze(0)
             cut = (seqs.mask.sum(dim=1, keepdim=True).float() * (1.0 - holdout)).floor()
@@ -279,20 +279,21 @@ class Trainer:
         return history
 
     @torch.no_grad()
-    def validation_loss(self, seqs: Sequences, part: torch.Tensor) -> float:
-        """The training loss (NLL plus the absolute head's squared error) per reading of ``part`` [D, T]."""
-        nll, _, terms, _ = rollout_loss(self.model, seqs.values.to(self.device), seqs.dt.to(self.device),
-                                        seqs.mask.to(self.device),
-                                        initial_state(self.model, len(seqs.device_ids), self.device),
-                                        self.stats_alpha, learn=part.to(self.device), absolute=True)
-        return float(nll) / max(float(terms), 1.0)
-
-    @torch.no_grad()
-    def evaluate(self, seqs: Sequences) -> dict[str, float]:
-        """Mean one-step NLL and MSE (normalised units) over every reading after each device's warm-up."""
+    def _rollout_all(self, seqs: Sequences, part: torch.Tensor | None, absolute: bool) -> tuple[float, float, float]:
+        """Summed NLL and squared error over every device from a fresh state, and the term count (at least 1)."""
         nll, se, terms, _ = rollout_loss(self.model, seqs.values.to(self.device), seqs.dt.to(self.device),
                                          seqs.mask.to(self.device),
                                          initial_state(self.model, len(seqs.device_ids), self.device),
-                                         self.stats_alpha)
-        n = max(float(terms), 1.0)
-        return {"nll": float(nll) / n, "mse": float(se) / n}
+                                         self.stats_alpha, learn=None if part is None else part.to(self.device),
+                                         absolute=absolute)
+        return float(nll), float(se), max(float(terms), 1.0)
+
+    def validation_loss(self, seqs: Sequences, part: torch.Tensor) -> float:
+        """The training loss (NLL plus the absolute head's squared error) per reading of ``part`` [D, T]."""
+        nll, _, n = self._rollout_all(seqs, part, absolute=True)
+        return nll / n
+
+    def evaluate(self, seqs: Sequences) -> dict[str, float]:
+        """Mean one-step NLL and MSE (normalised units) over every reading after each device's warm-up."""
+        nll, se, n = self._rollout_all(seqs, None, absolute=False)
+        return {"nll": nll / n, "mse": se / n}
