@@ -82,6 +82,34 @@ class LiquidOperator:
     def evict_idle(self, now_ms: int) -> list[str]:
         return self.store.evict_idle(now_ms, self.settings.state_ttl_s)
 
+    def open_alerts(self, device_ids: Sequence[str]) -> list[AlertClosed]:
+        """The alerts open on ``device_ids``, as they would close now with no further reading (``evicted``, at
+        each device's last reading): what to publish before their state is dropped.  Changes no state.
+
+        >>> op = LiquidOperator(Forecaster(n_channels=1, hidden_size=4), OperatorSettings())
+        >>> _ = op.process(["a"], np.array([1_000]), np.zeros((1, 1), np.float32))
+        >>> op.open_alerts(["a", "unknown"])
+        []
+        """
+        rows = self.store.lookup(device_ids)
+        known = np.flatnonzero(rows >= 0)
+        idx = torch.as_tensor(rows[known], device=self.device)
+        live = self.store.tensors["alert_open"][idx].cpu().numpy()
+        out: list[AlertClosed] = []
+        if not live.any():
+            return out
+        t = self.store.tensors
+        peak, reason = t["alert_peak"][idx].cpu().numpy(), t["alert_reason"][idx].cpu().numpy()
+        age, thr = t["alert_age"][idx].cpu().numpy(), self.scorer.threshold
+        host = self.store.host
+        for k in np.flatnonzero(live).tolist():
+            row = int(rows[known[k]])
+            p = float(peak[k])
+            out.append(AlertClosed(device_ids[int(known[k])], int(host["alert_open_ms"][row]),
+                                   int(host["last_ts_ms"][row]), p, thr, self.scorer.severity(p, thr),
+                                   AlertReason.from_code(int(reason[k])), int(age[k]) + 1, False, -1, evicted=True))
+        return out
+
     def _validate(self, device_ids: Sequence[str], ts_ms: np.ndarray, values: np.ndarray) -> None:
         n = len(device_ids)
         if ts_ms.shape != (n,) or values.shape != (n, self.n_channels):

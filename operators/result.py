@@ -98,7 +98,13 @@ class AlertClosed:
     reason: AlertReason  # why it opened
     readings: int  # from the opening reading to the closing one, both included
     max_duration: bool  # closed because it reached max_alert_events (else: calm readings)
-    index: int  # position of the closing event in the process() input
+    index: int  # position of the closing event in the process() input (-1: no reading closed it)
+    evicted: bool = False  # closed because the device's state was evicted (idle for state_ttl_s); ts: its last reading
+
+    @property
+    def closed_by(self) -> str:
+        """``calm``, ``max_duration`` or ``evicted`` (the alert record's ``closed_by``)."""
+        return "evicted" if self.evicted else "max_duration" if self.max_duration else "calm"
 
     @property
     def alert_id(self) -> str:

@@ -127,6 +127,9 @@ def mapping_flags(p: argparse.ArgumentParser) -> None:
                    help="long: field naming the channel (default: channel)")
     g.add_argument("--value-field", dest="mapping_value_field", default=None, metavar="FIELD",
                    help="long: field holding the value (default: value)")
+    g.add_argument("--assembly-window", dest="mapping_assembly_window_s", default=None, metavar="SECONDS",
+                   type=positive_float, help="long, from a topic: seconds of a device's event time after which "
+                   "its unfinished reading is dead-lettered 'incomplete' (default: 60)")
 
 
 def commissioning_flag(p: argparse.ArgumentParser) -> None:

@@ -34,7 +34,6 @@ from liquidstream.pipeline.errors import ConfigurationError
 from liquidstream.pipeline.ops.logs import setup_logging
 from liquidstream.pipeline.serving import DEFAULT_CHANNELS
 from liquidstream.pipeline.settings import Settings
-from liquidstream.pipeline.wire.checks import LONG_SHAPE_FILES_ONLY
 
 log = logging.getLogger("liquidstream")
 
@@ -95,9 +94,6 @@ def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         msg = "--models (LIQUIDSTREAM_MODELS) replaces --model (LIQUIDSTREAM_MODEL): give one of them"
         raise ConfigurationError(msg)
     per_topic = topic_settings(settings, worker_id) if settings.models else [settings]
-    for s in per_topic:
-        if s.mapping.shape == "long":  # checked by every consumer of a topic; here before the models load
-            raise ConfigurationError(LONG_SHAPE_FILES_ONLY)
     # every model is loaded and checked against its mapping before any connection
     operators = [build_operator(s, args.channels if not settings.models else None) for s in per_topic]
     preflight(settings)  # bad credentials: one clear line (exit 2) now, not timeouts half a minute later

@@ -34,7 +34,6 @@ from liquidstream.pipeline.errors import ConfigurationError, PipelineError, Trai
 from liquidstream.pipeline.ops.logs import setup_logging
 from liquidstream.pipeline.serving import DEFAULT_CHANNELS
 from liquidstream.pipeline.settings import Settings
-from liquidstream.pipeline.wire.checks import LONG_SHAPE_FILES_ONLY
 
 if TYPE_CHECKING:  # torch is imported only when the command runs, not by `--help`
     from liquidstream.operators.forecaster import Forecaster
@@ -159,8 +158,6 @@ def _cmd_train_worker(args: argparse.Namespace, settings: Settings) -> int:
     if key is None:
         msg = "train-worker needs LIQUIDSTREAM_MODEL_SIGNING_KEY: it publishes signed updates only"
         raise ConfigurationError(msg)
-    if settings.mapping.shape == "long":
-        raise ConfigurationError(LONG_SHAPE_FILES_ONLY)
     device = settings.torch_device()  # --device cuda without a GPU: one line now, not after connecting
     if settings.model is not None:
         open_model(settings.model)  # a missing or bad --model: one line now, before any connection

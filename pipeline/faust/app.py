@@ -35,6 +35,7 @@ from liquidstream.pipeline.kafka.output import BatchOutput, OutputTopics
 from liquidstream.pipeline.ops.logs import setup_logging
 from liquidstream.pipeline.serving import build_operator
 from liquidstream.pipeline.settings import Settings
+from liquidstream.pipeline.wire.checks import LONG_SHAPE_NOT_FAUST
 from liquidstream.pipeline.wire.codec import DecodeLimits
 
 log = logging.getLogger("liquidstream.faust")
@@ -60,6 +61,9 @@ class EventMessage:
         return self.event.message.value
     def headers(self) -> Any:
         return self.event.message.headers
+    def timestamp(self) -> tuple[int, int]:  # faust keeps float epoch seconds; Kafka's (type, epoch ms)
+        ts = self.event.message.timestamp
+        return (1, round(ts * 1000)) if ts else (0, 0)
 
 
 class DeviceStateTable(faust.Table):  # type: ignore[type-arg]
@@ -186,6 +190,8 @@ def build_app(settings: Settings, operator: LiquidOperator | None = None) -> fau
     if settings.guarantee != "at_least_once" or settings.security_protocol != "PLAINTEXT":
         msg = "the faust app is at-least-once and PLAINTEXT only: set LIQUIDSTREAM_GUARANTEE=at_least_once"
         raise ConfigurationError(msg)
+    if settings.mapping.shape == "long":
+        raise ConfigurationError(LONG_SHAPE_NOT_FAUST)
     operator = operator or build_operator(settings, None)
     partitions = input_partitions(settings)
     updates = ModelUpdates.from_settings(settings, operator)

@@ -12,23 +12,24 @@ Units: ``ts`` epoch milliseconds on the wire and in records.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import cast
 
 import numpy as np
 
 from liquidstream.operators.operator import LiquidOperator
-from liquidstream.operators.result import EventStatus
+from liquidstream.operators.result import AlertClosed, EventStatus
 from liquidstream.pipeline.errors import EncodeError, PipelineError
+from liquidstream.pipeline.kafka.long_input import Part, StreamAssembly
 from liquidstream.pipeline.kafka.output import BatchOutput, OutputTopics, OutRecord
 from liquidstream.pipeline.wire.codec import DecodeLimits, decode_batch, encode_json
 from liquidstream.pipeline.wire.contract import schema_headers
 from liquidstream.pipeline.wire.dead_letters import DeadLetter
-from liquidstream.pipeline.wire.records import alert_records, encode_predictions, prediction_records
+from liquidstream.pipeline.wire.records import alert_records, closed_record, encode_predictions, prediction_records
 from liquidstream.pipeline.wire.schemas import DeadLetterReason
 from liquidstream.pipeline.wire.types import MessageLike, SourceCoords, TopicPart
 
-__all__ = ["coords", "describe_range", "handle_batch", "offsets_to_commit", "tune_gc"]
+__all__ = ["coords", "describe_range", "eviction_closes", "handle_batch", "offsets_to_commit", "tune_gc"]
 
 #: Every prediction and alert names its published schema and version (shared lists: never mutated).
 _PREDICTION_HEADERS, _ALERT_HEADERS = schema_headers("prediction"), schema_headers("alert")
@@ -85,12 +86,15 @@ def _drop_detail(status: EventStatus, device_id: str, ts_ms: int) -> tuple[DeadL
 
 def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topics: OutputTopics,
                  limits: DecodeLimits, now_ms: int, worker_id: str | None = None,
-                 before_process: Callable[[Sequence[str]], None] | None = None) -> BatchOutput:
+                 before_process: Callable[[Sequence[str]], None] | None = None,
+                 assembly: StreamAssembly | None = None) -> BatchOutput:
     """Decode, process and route one batch of consumed data messages (no Kafka I/O).
 
-    ``now_ms``: wall clock, epoch ms, for the future-timestamp check.  Only the operator's state changes;
-    ``before_process`` sees the decoded device ids just before (to snapshot them: :class:`StateUndo`).
-    Raises only on bugs (no coordinates, an operator error on accepted input): then do not commit.
+    ``now_ms``: wall clock, epoch ms, for the future-timestamp check.  Only the operator's state changes (and
+    ``assembly``'s: the long input shape, whose parts may wait for a later batch or be dead-lettered from an
+    earlier one); ``before_process`` sees the decoded device ids just before (to snapshot them:
+    :class:`StateUndo`).  Raises only on bugs (no coordinates, an operator error on accepted input): then do not
+    commit.  Dead letters carry their input message's Kafka timestamp (``topics.event_time``).
     """
     raw = [(m.topic(), m.partition(), m.offset()) for m in messages]  # checked as coords() does, in one pass
     if any(t is None or p is None or o is None or o < 0 for t, p, o in raw):
@@ -104,16 +108,25 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
 
     def letter(i: int, reason: DeadLetterReason | str, detail: str) -> None:
         m = messages[i]
-        t, p, o = src[i]
-        dl = DeadLetter.build(reason, detail, key=m.key(), value=m.value(), topic=t, partition=p, offset=o,
-                              worker_id=worker_id, failed_at_ms=int(now_ms), original_headers=m.headers,
-                              max_bytes=topics.dlq_max_bytes)
-        out.records.append(OutRecord(topics.dlq, dl.key, dl.value, dl.headers))
+        kind, ts = m.timestamp()
+        post(Part(*src[i], m.key(), m.value(), ts if kind and ts > 0 else 0, m.headers), reason, detail)
+
+    def post(part: Part, reason: DeadLetterReason | str, detail: str) -> None:
+        dl = DeadLetter.build(reason, detail, key=part.key, value=part.value, topic=part.topic,
+                              partition=part.partition, offset=part.offset, worker_id=worker_id,
+                              failed_at_ms=int(now_ms), original_headers=part.headers, max_bytes=topics.dlq_max_bytes)
+        out.records.append(OutRecord(topics.dlq, dl.key, dl.value, dl.headers, None,
+                                     part.timestamp_ms if topics.event_time else 0))
         out.dead_letters[dl.reason.value] += 1
 
-    decoded = decode_batch([m.value() for m in messages], [m.key() for m in messages], limits, now_ms)
-    for rej in decoded.rejects:
-        letter(rej.index, rej.reason, rej.detail)
+    if assembly is None:
+        decoded = decode_batch([m.value() for m in messages], [m.key() for m in messages], limits, now_ms)
+        for rej in decoded.rejects:
+            letter(rej.index, rej.reason, rej.detail)
+    else:
+        decoded, given_up = assembly.decode(messages, src, now_ms)
+        for part, reason, detail in given_up:
+            post(part, reason, detail)
     rows = decoded.index.tolist()  # row k of the decoded columns is input message rows[k]
     if before_process is not None:
         before_process(decoded.device_ids)
@@ -154,4 +167,20 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
                                       int(decoded.ts_ms[k]))
         letter(rows[k], reason, detail)
     out.device_partitions.update((d, (t, p)) for d, (t, p, _) in zip(decoded.device_ids, row_src, strict=True))
+    return out
+
+
+def eviction_closes(closings: Iterable[AlertClosed], where: Mapping[str, TopicPart], positions: Mapping[TopicPart, int],
+                    topics: OutputTopics, model_version: str) -> list[OutRecord]:
+    """The ``closed`` records (``closed_by`` ``evicted``) of alerts open on devices being evicted; ``where``: each
+    device's input partition, ``positions``: the next offset per partition (the source is the last one read)."""
+    out = []
+    for closed in closings:
+        tp = where.get(closed.device_id)
+        if tp is None:
+            continue  # a device this worker never read (a commissioning row only): nothing was published for it
+        rec = closed_record(closed, model_version)
+        rec["source"] = {"topic": tp[0], "partition": tp[1], "offset": max(positions.get(tp, 1) - 1, 0)}
+        out.append(OutRecord(topics.alerts, closed.device_id.encode("utf-8"), encode_json(rec), _ALERT_HEADERS, None,
+                             closed.ts_ms if topics.event_time else 0))
     return out

@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from liquidstream.operators.state.store import DeviceStateStore
 from liquidstream.pipeline.kafka.output import BatchOutput
 from liquidstream.pipeline.wire.schemas import DeadLetterReason
 from liquidstream.pipeline.wire.types import TopicPart
+
+T = TypeVar("T")
 
 __all__ = ["DeviceRegistry", "StateUndo", "Stats"]
 
@@ -52,6 +54,11 @@ class StateUndo:
 
     def __init__(self, store: DeviceStateStore) -> None:
         self.store, self.before, self.known, self.seen = store, b"", list[str](), list[str]()
+        self._also: list[Callable[[], None]] = []
+
+    def also(self, put_back: Callable[[T], None], saved: T) -> None:
+        """Another piece of the batch's state to put back on :meth:`apply`: ``put_back(saved)``."""
+        self._also.append(lambda: put_back(saved))
 
     def take(self, device_ids: Sequence[str]) -> None:
         self.seen = list(dict.fromkeys(device_ids))
@@ -63,6 +70,8 @@ class StateUndo:
         self.store.drop(set(self.seen) - set(self.known))
         if self.known:
             self.store.restore(self.before)
+        for put_back in self._also:
+            put_back()
 
 
 @dataclass

@@ -7,8 +7,9 @@ restoring input partition *p* reads changelog partition *p* only.  Per batch, in
 * key = device id (UTF-8), value = ``DeviceStateStore.snapshot([device_id])``; null (a tombstone) once the
   device is evicted;
 * per input partition one *progress* record, key :data:`PROGRESS_KEY` (not UTF-8: never a device id), value
-  ``{"topic", "partition", "offset"}``: every reading before ``offset`` is in the state.  A restore reads on
-  until it has seen the progress the group committed.
+  ``{"topic", "partition", "offset"}``: every reading before ``offset`` is in the state; with the long input shape
+  also ``"waiting"``, the channels consumed before ``offset`` that wait for their reading's other channels.
+  A restore reads on until it has seen the progress the group committed.
 
 Headers: ``ls.input.topic``, ``ls.input.partition``, ``ls.input.offset`` (next offset after the batch),
 ``ls.model.version``.
@@ -112,15 +113,21 @@ def _headers(topic: str, partition: int, offset: int, model_version: str) -> Hea
 
 
 def changelog_records(layout: StateLayout, store: DeviceStateStore, devices: Mapping[str, TopicPart],
-                      commits: Mapping[TopicPart, int], topic: str, model_version: str) -> list[OutRecord]:
+                      commits: Mapping[TopicPart, int], topic: str, model_version: str,
+                      waiting: Mapping[TopicPart, dict[str, Any] | None] | None = None) -> list[OutRecord]:
     """The state of each device of ``devices`` (id -> input partition) plus one progress record per
-    partition of ``commits`` (-> next input offset), each pinned to its input partition's number."""
+    partition of ``commits`` (-> next input offset), each pinned to its input partition's number; ``waiting``:
+    the long input shape's channels waiting per partition (:mod:`~liquidstream.pipeline.kafka.long_input`), in
+    the progress record as ``"waiting"``."""
     out, headers = [], {tp: _headers(*tp, offset, model_version) for tp, offset in commits.items()}
     for device, blob in layout.split(store.snapshot(list(devices))):  # snapshot skips unknown ids
         tp = devices[device]  # one headers list per partition, shared by its records (nothing mutates them)
         out.append(OutRecord(topic, device.encode(), blob, headers[tp], tp[1]))
     for (t, p), offset in sorted(commits.items()):
-        value = json.dumps({"topic": t, "partition": p, "offset": offset}).encode()
+        doc: dict[str, Any] = {"topic": t, "partition": p, "offset": offset}
+        if waiting is not None and waiting.get((t, p)) is not None:
+            doc["waiting"] = waiting[(t, p)]
+        value = json.dumps(doc).encode()
         out.append(OutRecord(topic, PROGRESS_KEY, value, _headers(t, p, offset, model_version), p))
     return out
 
@@ -169,6 +176,7 @@ class Restored:
     blobs: dict[str, bytes] = field(default_factory=dict)
     partition_of: dict[str, int] = field(default_factory=dict)
     progress: dict[int, int] = field(default_factory=dict)  # partition -> input offset reflected
+    waiting: dict[int, dict[str, Any]] = field(default_factory=dict)  # partition -> long shape's waiting channels
     model_version: dict[str, str] = field(default_factory=dict)  # device -> model version that wrote it
     records: int = 0
 
@@ -236,7 +244,12 @@ def _take(m: Any, out: Restored, eof: dict[int, int], topic: str) -> None:
         return
     key, value = m.key() or b"", m.value()
     if key == PROGRESS_KEY:  # the last one wins, as after compaction
-        out.progress[p] = int(json.loads(value or b"{}").get("offset", -1))
+        doc = json.loads(value or b"{}")
+        out.progress[p] = int(doc.get("offset", -1))
+        if doc.get("waiting") is None:
+            out.waiting.pop(p, None)
+        else:
+            out.waiting[p] = doc["waiting"]
         return
     device = key.decode("utf-8", "replace")
     out.records += 1

@@ -22,6 +22,7 @@ from liquidstream.pipeline.errors import PipelineError
 from liquidstream.pipeline.kafka import changelog as cl
 from liquidstream.pipeline.kafka import transactions as tx
 from liquidstream.pipeline.kafka.bookkeeping import DeviceRegistry, Stats
+from liquidstream.pipeline.kafka.long_input import StreamAssembly
 from liquidstream.pipeline.kafka.worker_ops import WorkerOps
 from liquidstream.pipeline.settings import Settings
 from liquidstream.pipeline.wire.types import TopicPart
@@ -45,6 +46,7 @@ class Rebalancing:
     _assigned: set[TopicPart]
     _restoring: set[TopicPart]
     _replayed: dict[TopicPart, int]
+    assembly: StreamAssembly | None
     _joined: bool
     _last_activity: float
 
@@ -82,6 +84,9 @@ class Rebalancing:
             msg = f"changelog {topic} partitions {sorted(need)}: state does not fit this model: {ex}"
             raise PipelineError(msg) from ex
         topic_of = {tp.partition: tp.topic for tp in partitions}
+        if self.assembly is not None:  # the long shape's channels waiting, as of the same progress
+            for p in need:
+                self.assembly.restore((topic_of[p], p), got.waiting.get(p))
         self.registry.note({d: (topic_of[p], p) for d, p in got.partition_of.items()})
         for p, ahead in got.progress.items():  # at-least-once crash after the changelog, before the offsets
             if ahead > need[p]:
@@ -107,6 +112,8 @@ class Rebalancing:
         self.committer.forget(gone)
         self._replayed = {tp: o for tp, o in self._replayed.items() if tp not in gone}
         dropped = self.operator.store.drop(self.registry.release(gone))
+        if self.assembly is not None:
+            self.assembly.drop(gone)
         self.ops.released(gone, len(self.operator.store))
         log.info("%s %s; dropped the state of %d device(s)", how, sorted(f"{t}[{p}]" for t, p in gone),
                  len(dropped))

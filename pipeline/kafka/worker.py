@@ -37,6 +37,7 @@ from liquidstream.pipeline.kafka import changelog as cl
 from liquidstream.pipeline.kafka import transactions as tx
 from liquidstream.pipeline.kafka.at_least_once import AtLeastOnce
 from liquidstream.pipeline.kafka.bookkeeping import DeviceRegistry, StateUndo, Stats
+from liquidstream.pipeline.kafka.long_input import StreamAssembly
 from liquidstream.pipeline.kafka.output import OutputTopics
 from liquidstream.pipeline.kafka.rebalance import RESTORE_TIMEOUT_S, Rebalancing
 from liquidstream.pipeline.kafka.worker_ops import WorkerOps
@@ -66,6 +67,8 @@ class KafkaWorker(Rebalancing):
         self.eos = settings.guarantee == "exactly_once"
         self.topics = OutputTopics.from_settings(settings)
         self.limits = DecodeLimits.from_settings(settings, operator.n_channels)
+        self.assembly = StreamAssembly(self.limits, round(settings.mapping.assembly_window_s * 1000)) \
+            if settings.mapping.shape == "long" else None  # the long shape: channels waiting per partition
         self.stats, self.registry, self.layout = Stats(), DeviceRegistry(), cl.StateLayout(operator.store)
         self.consumer = consumer or Consumer(self.ops.client_config(tx.consumer_config(settings), stats=True))
         txn_id = tx.transactional_id(settings, worker_id)
@@ -82,6 +85,7 @@ class KafkaWorker(Rebalancing):
         self._stop_reason: str | None = None  # why run() stops (signal, idle); None while running
         self._last_activity = self._last_stats = time.monotonic()
         self._joined, self._aborts_in_row = False, 0
+        self._positions: dict[TopicPart, int] = {}  # next input offset per partition after the last batch handed over
         self.updates = updates if updates is not None or not settings.follows_model_updates else \
             ModelFollower(settings, self.ops.metrics)
 
@@ -119,7 +123,8 @@ class KafkaWorker(Rebalancing):
                     if replays:
                         self.committer.commit([], [], replays)
                     self.committer.settle()  # no input now: what is in flight needs no next batch to commit
-                    if s.exit_when_idle_s is not None and \
+                    # idle counts from the group join (the assignment, restored): a slow join is not idleness
+                    if s.exit_when_idle_s is not None and self._joined and \
                             time.monotonic() - self._last_activity >= s.exit_when_idle_s:
                         self._stop_reason = f"idle for {s.exit_when_idle_s} s"
                 self._maybe_log_stats()
@@ -189,10 +194,14 @@ class KafkaWorker(Rebalancing):
         t0 = time.monotonic()
         self.stats.first_message = self.stats.first_message or t0
         undo = StateUndo(self.operator.store)
+        if self.assembly is not None and self.eos:  # an abort rewinds the channels waiting, too
+            undo.also(self.assembly.load, self.assembly.save(step.offsets_to_commit(batch)))
         out = step.handle_batch(batch, self.operator, self.topics, self.limits, time.time_ns() // 1_000_000,
-                                self.worker_id, before_process=undo.take if self.eos else None)
+                                self.worker_id, before_process=undo.take if self.eos else None,
+                                assembly=self.assembly)
+        waiting = None if self.assembly is None else {tp: self.assembly.state(tp) for tp in out.commits}
         changelog = cl.changelog_records(self.layout, self.operator.store, out.device_partitions, out.commits,
-                                         self.settings.changelog, self.operator.model_version)
+                                         self.settings.changelog, self.operator.model_version, waiting)
         spent: list[float] = []  # seconds from decode to hand-over (at-least-once: durable a batch or two later)
 
         def done() -> None:  # the batch is durable; its busy time ends at its commit or at its hand-over
@@ -205,6 +214,7 @@ class KafkaWorker(Rebalancing):
             self._rewind(batch, undo)
             return
         self._aborts_in_row = 0
+        self._positions.update(out.commits)
         self.registry.note(out.device_partitions)
         spent.append(time.monotonic() - t0)
 
@@ -261,8 +271,12 @@ class KafkaWorker(Rebalancing):
         ids = store.device_ids()
         last: list[int] = store.host["last_ts_ms"][store.lookup(ids)].tolist()
         idle = [d for d, ts in zip(ids, last, strict=True) if ts < max(last, default=0) - int(ttl_s * 1000)]
-        gone = cl.tombstones(self.registry.partitions_of(idle), self.settings.changelog)
-        if idle and self.committer.commit([], gone, {}):
+        where = self.registry.partitions_of(idle)
+        gone = cl.tombstones(where, self.settings.changelog)
+        # an alert still open on an evicted device closes now ("evicted"), in the same commit as its tombstone
+        closes = step.eviction_closes(self.operator.open_alerts(idle), where, self._positions, self.topics,
+                                      self.operator.model_version)
+        if idle and self.committer.commit(closes, gone, {}):
             self.registry.forget(store.drop(idle))
             self.ops.metrics.set_devices(len(store))
             log.info("evicted %d idle device(s) (state_ttl_s=%s)", len(idle), ttl_s)

@@ -56,7 +56,7 @@ def read_jsonl(path: Path, settings: Settings, n_channels: int | None,
     if n_channels is not None:
         check_mapping(settings, n_channels, "the model")
     c = n_channels or fixed or _guess_channels(lines)
-    limits = DecodeLimits.from_settings(settings, c, stream=False)
+    limits = DecodeLimits.from_settings(settings, c)
     now_ms = int(time.time() * 1000)
     if settings.mapping.shape == "long":
         batch, assembled = assemble_long(lines, None, limits, now_ms)

@@ -32,7 +32,8 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 
 from liquidstream.operators.forecaster import Forecaster
 from liquidstream.pipeline.errors import PipelineError, TrainerFenced
-from liquidstream.pipeline.kafka.batch_step import offsets_to_commit
+from liquidstream.pipeline.kafka.batch_step import coords, offsets_to_commit
+from liquidstream.pipeline.kafka.long_input import StreamAssembly
 from liquidstream.pipeline.kafka.transactions import consumer_config
 from liquidstream.pipeline.ops.metrics import Metrics
 from liquidstream.pipeline.settings import Settings
@@ -110,6 +111,9 @@ class TrainWorker:
         self.consumer = consumer or Consumer(consumer_config(settings) | {"group.id": settings.trainer_group})
         self.publisher = publisher or UpdatePublisher(settings)
         self.limits = DecodeLimits.from_settings(settings, learner.model.n_channels)
+        # The long shape: channels waiting in memory only (a restart loses a few unfinished readings: training data)
+        self.assembly = StreamAssembly(self.limits, round(settings.mapping.assembly_window_s * 1000)) \
+            if settings.mapping.shape == "long" else None
         self.stats = TrainerStats()
         self._pending: dict[TopicPart, int] = {}  # offsets observed, not committed yet
         self._new_readings = 0  # since the last update attempt
@@ -168,8 +172,11 @@ class TrainWorker:
         if not data:
             return
         t0 = time.monotonic()
-        decoded = decode_batch([m.value() for m in data], [m.key() for m in data], self.limits,
-                               time.time_ns() // 1_000_000)
+        now_ms = time.time_ns() // 1_000_000
+        if self.assembly is None:
+            decoded = decode_batch([m.value() for m in data], [m.key() for m in data], self.limits, now_ms)
+        else:
+            decoded, _ = self.assembly.decode(data, [coords(m) for m in data], now_ms)
         if len(decoded):
             self.learner.observe(decoded.device_ids, decoded.ts_ms, decoded.values)
         self.stats.consumed += len(data)
@@ -229,6 +236,8 @@ class TrainWorker:
         self._commit()
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._pending = {tp: o for tp, o in self._pending.items() if tp not in gone}
+        if self.assembly is not None:
+            self.assembly.drop(gone)
 
     # ------------------------------------------------------------------ shutdown
     def _summary(self) -> dict[str, Any]:

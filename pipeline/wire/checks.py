@@ -30,14 +30,14 @@ from liquidstream.pipeline.wire.schemas import MAX_DEVICE_ID_CHARS, DeadLetterRe
 if TYPE_CHECKING:
     from liquidstream.pipeline.settings import Settings
 
-__all__ = ["LONG_SHAPE_FILES_ONLY", "NUMBER_TYPES", "DecodeLimits", "Rejected", "check_reading", "load_payload",
+__all__ = ["LONG_SHAPE_NOT_FAUST", "NUMBER_TYPES", "DecodeLimits", "Rejected", "check_reading", "load_payload",
            "non_finite_detail", "parse_reading"]
 
 _MISSING = object()  # orjson refused the payload
-#: Why a consumer of a topic refuses ``mapping.shape = long`` (files only, for now).
-LONG_SHAPE_FILES_ONLY = ("the long input shape is read by `replay` and `train` only so far, not from a topic: "
-                         "assembling across batches needs the pending channels in the state changelog; reshape the "
-                         "topic to the wide shape (one message per device and time)")
+#: Why the faust app refuses ``mapping.shape = long`` (``run``, ``train``, ``train-worker`` and ``replay`` read it).
+LONG_SHAPE_NOT_FAUST = ("the faust app does not read the long input shape (its agent has no place for channels "
+                        "waiting across batches): run `liquidstream run` instead, or reshape the topic to the wide "
+                        "shape (one message per device and time)")
 NUMBER_TYPES = frozenset((float, int))  # exact types: bool is not a number on the wire
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "integer", float: "number",
                bool: "boolean", type(None): "null"}
@@ -68,11 +68,8 @@ class DecodeLimits:
             raise ConfigurationError(msg)
 
     @classmethod
-    def from_settings(cls, settings: Settings, n_channels: int, *, stream: bool = True) -> DecodeLimits:
-        """Limits from the worker settings (``max_future_s`` is converted to milliseconds).  A ``stream`` (the Kafka
-        worker, the faust app, the trainer) cannot read the long shape yet: a :class:`ConfigurationError`."""
-        if stream and settings.mapping.shape == "long":
-            raise ConfigurationError(LONG_SHAPE_FILES_ONLY)
+    def from_settings(cls, settings: Settings, n_channels: int) -> DecodeLimits:
+        """Limits from the worker settings (``max_future_s`` is converted to milliseconds)."""
         return cls(n_channels=n_channels, max_payload_bytes=settings.max_payload_bytes,
                    ts_min_ms=settings.ts_min_ms, max_future_ms=round(settings.max_future_s * 1000),
                    require_key=settings.require_key, mapping=settings.mapping)

@@ -155,9 +155,11 @@ class AlertRecord(BaseModel):
     duration_ms: int | None = Field(default=None, ge=0, description="closed only: ts - opened_ts, ms of event time.")
     readings: int | None = Field(default=None, ge=1, description="closed only: readings from the opening one to the "
                                                                  "closing one, both included.")
-    closed_by: Literal["calm", "max_duration"] | None = Field(
-        default=None, description='closed only: "calm" (exit_after calm readings in a row) or "max_duration" '
-                                  '(max_alert_events readings open: the new state is accepted as normal).')
+    closed_by: Literal["calm", "max_duration", "evicted"] | None = Field(
+        default=None, description='closed only: "calm" (exit_after calm readings in a row), "max_duration" '
+                                  '(max_alert_events readings open: the new state is accepted as normal) or '
+                                  '"evicted" (the device was idle for state_ttl_s and its state dropped: ts is its '
+                                  'last reading, source the input position where the worker decided it).')
 
     @model_validator(mode="after")
     def _lifecycle_fields(self) -> AlertRecord:

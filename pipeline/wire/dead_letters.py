@@ -78,7 +78,7 @@ MAX_DETAIL_BYTES = 1024
 OriginalHeaders = Iterable[tuple[str, bytes | None]] | Callable[[], Iterable[tuple[str, bytes | None]] | None] | None
 
 
-def _forwarded(original: OriginalHeaders) -> tuple[Headers, str | None]:
+def forwarded_headers(original: OriginalHeaders) -> tuple[Headers, str | None]:
     """The original headers to forward (``ls.*`` ones dropped), and why none are when they cannot be read."""
     try:
         raw = original() if callable(original) else original
@@ -182,7 +182,7 @@ class DeadLetter:
         ``original_headers``: the input message's headers, or a callable returning them (``message.headers``:
         read here, so that headers the client cannot decode become ``ls.headers.unreadable``, not a crash).
         """
-        forwarded, unreadable = _forwarded(original_headers)
+        forwarded, unreadable = forwarded_headers(original_headers)
         own = dead_letter_headers(reason, detail, topic, partition, offset, worker_id=worker_id,
                                   failed_at_ms=failed_at_ms)
         if unreadable is not None:

@@ -42,7 +42,7 @@ class InputMapping(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     #: ``reading`` (liquidstream's own, the default), ``wide`` (one named field per channel) or ``long`` (one
-    #: message per channel reading, assembled per device and time; file replay and train only for now).
+    #: message per channel reading, assembled per device and time; every consumer but the faust app).
     shape: Literal["reading", "wide", "long"] = "reading"
     #: Field holding the device id, or ``@key`` for the Kafka message key.
     device_field: str = Field(default="device_id", min_length=1)
@@ -57,6 +57,9 @@ class InputMapping(BaseModel):
     channel_field: str = Field(default="channel", min_length=1)
     #: long: the field holding the channel's value.
     value_field: str = Field(default="value", min_length=1)
+    #: long, from a topic: seconds of a device's event time after which its unfinished reading (channels still
+    #: missing) is given up and its parts dead-lettered ``incomplete``; parts arriving older than that, too.
+    assembly_window_s: float = Field(default=60.0, gt=0)
 
     @model_validator(mode="after")
     def _channels_named(self) -> InputMapping:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from liquidstream.operators.result import EventStatus, StepResult
+from liquidstream.operators.result import AlertClosed, EventStatus, StepResult
 from liquidstream.pipeline.wire.types import SourceCoords
 
 #: (topic, partition, offset) of the input message behind an event; None outside Kafka.
@@ -141,6 +141,14 @@ def encode_predictions(device_ids: Sequence[str], result: StepResult, model_vers
     return out
 
 
+def closed_record(closed: AlertClosed, model_version: str) -> dict[str, Any]:
+    """The ``closed`` alert record of ``closed`` (its ``source`` is the caller's to add)."""
+    return {"event": "closed", "alert_id": closed.alert_id, "device_id": closed.device_id, "ts": closed.ts_ms,
+            "score": closed.peak_score, "threshold": closed.threshold, "severity": closed.severity, "channels": [],
+            "reason": closed.reason, "model_version": model_version, "opened_ts": closed.opened_ms,
+            "duration_ms": closed.duration_ms, "readings": closed.readings, "closed_by": closed.closed_by}
+
+
 def alert_records(result: StepResult, model_version: str, sources: Sequence[SourceCoords] | None = None,
                   channel_names: Sequence[Sequence[str] | None] | None = None) -> list[tuple[int, dict[str, Any]]]:
     """``(event position, record)`` for every alert opened or closed in this result, in input order (an
@@ -154,14 +162,7 @@ def alert_records(result: StepResult, model_version: str, sources: Sequence[Sour
             "channels": [channel_label(names, c) for c in alert.channels], "reason": alert.reason,
             "model_version": model_version,
         }))
-    for closed in result.closed:
-        out.append((closed.index, {
-            "event": "closed", "alert_id": closed.alert_id, "device_id": closed.device_id, "ts": closed.ts_ms,
-            "score": closed.peak_score, "threshold": closed.threshold, "severity": closed.severity, "channels": [],
-            "reason": closed.reason, "model_version": model_version, "opened_ts": closed.opened_ms,
-            "duration_ms": closed.duration_ms, "readings": closed.readings,
-            "closed_by": "max_duration" if closed.max_duration else "calm",
-        }))
+    out += [(closed.index, closed_record(closed, model_version)) for closed in result.closed]
     out.sort(key=lambda item: item[0])
     if sources is not None:
         for index, rec in out:

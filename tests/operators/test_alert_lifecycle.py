@@ -80,3 +80,19 @@ def test_an_alert_that_reaches_its_maximum_length_says_so() -> None:
     _, closed = lifecycle(stream(op, v, 0, len(v), len(v)))
     assert closed and all(c.max_duration and c.readings == 11 for c in closed)
     assert closed[0].opened_ms == T0 + 1000 * (HIST + 4) and closed[0].reason == "stuck_sensor"
+
+
+def test_an_alert_open_when_its_device_is_evicted_closes_as_evicted_at_its_last_reading() -> None:
+    v = incident()
+    op = make_op()
+    opened, _ = lifecycle(stream(op, v, 0, HIST + 10, 50))  # stop 10 readings into the incident: still open
+    assert len(opened) == 1
+    aid, open_ms = opened[0]
+    before = op.store.snapshot(["d"])
+    (c,) = op.open_alerts(["d", "never-seen"])
+    assert op.store.snapshot(["d"]) == before  # a query: no state changes
+    assert (c.alert_id, c.opened_ms, c.closed_by, c.index) == (aid, open_ms, "evicted", -1)
+    assert c.ts_ms == T0 + 1000 * (HIST + 9)  # the device's last reading
+    assert c.readings == (c.ts_ms - open_ms) // 1000 + 1 and c.peak_score >= c.threshold
+    _, closed = lifecycle(stream(op, v, HIST + 10, len(v), 50))  # had it not been evicted: the same alert closes
+    assert [x.alert_id for x in closed] == [aid] and op.open_alerts(["d"]) == []

@@ -73,7 +73,8 @@ def test_run_checks_its_model_before_any_connection(tmp_path: Path, capsys: pyte
     monkeypatch.setattr(health, "preflight", no_broker)
     _fails(["run", "--model", str(tmp_path / "missing.pt"), "--bootstrap", "127.0.0.1:1"], capsys,
            "missing.pt: no such file")
-    _fails(["run", "--shape", "long", "--channel-fields", "a,b"], capsys, "long input shape")
+    _fails(["run", "--shape", "long", "--channel-fields", "a,b,c", "--model", str(tmp_path / "missing.pt")], capsys,
+           "missing.pt: no such file")  # the long shape is read from a topic, its model still checked first
     monkeypatch.setenv("LIQUIDSTREAM_MODEL_SIGNING_KEY", "0123456789abcdef0123")
     _fails(["train-worker", "--model", str(tmp_path / "missing.pt"), "--bootstrap", "127.0.0.1:1"], capsys,
            "missing.pt: no such file")

@@ -644,6 +644,31 @@ def test_idle_devices_are_evicted_with_a_changelog_tombstone() -> None:
     assert worker.operator.store.device_ids() == ["new"] and len(worker.registry) == 1
 
 
+def test_an_alert_open_on_an_evicted_device_closes_in_the_tombstones_transaction() -> None:
+    from liquidstream.pipeline.wire.contract import AlertRecord
+
+    worker, _, log = _worker([], guarantee="exactly_once")
+    producer: FakeProducer = worker.producer  # type: ignore[assignment]
+    now = time.time_ns() // 1_000_000
+    old_ts = now - 3 * 86_400_000
+    handle_batch([_msg(0, 0, b"old", _reading("old", old_ts)), _msg(1, 0, b"new", _reading("new", now))],
+                 worker.operator, TOPICS, LIMITS, now)
+    worker.registry.note({"old": ("readings", 0), "new": ("readings", 1)})
+    worker._positions = {("readings", 0): 1, ("readings", 1): 1}
+    store, row = worker.operator.store, int(worker.operator.store.lookup(["old"])[0])
+    store.tensors["alert_open"][row], store.tensors["alert_peak"][row] = True, 9.5  # open since its reading
+    store.tensors["alert_reason"][row], store.host["alert_open_ms"][row] = 1, old_ts
+    worker._evict_idle()
+    assert log == ["begin", "produce:alerts", f"produce:{CHANGELOG}", "commit_txn"]
+    (topic, key, value, _), tomb = producer.committed
+    rec = AlertRecord.model_validate_json(value or b"")
+    assert (topic, key, tomb) == ("alerts", b"old", (CHANGELOG, b"old", None, 0))
+    assert (rec.event, rec.closed_by, rec.alert_id, rec.ts, rec.duration_ms, rec.score, rec.reason) == (
+        "closed", "evicted", f"old@{old_ts}", old_ts, 0, 9.5, "stuck_sensor")
+    assert (rec.source.partition, rec.source.offset) == (0, 0)  # type: ignore[union-attr]
+    assert producer.timestamps[0] == ("alerts", old_ts)  # its event time
+
+
 def test_state_undo_puts_back_known_devices_and_drops_new_ones() -> None:
     op = _operator()
     now = time.time_ns() // 1_000_000

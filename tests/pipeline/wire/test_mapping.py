@@ -157,10 +157,11 @@ def test_mapping_comes_from_the_environment_and_flags_override_it(monkeypatch: p
         run_replay(Settings(mapping={"shape": "sideways"}), Path("x"), Path("y"), ReplayConfig(), show=False)
 
 
-def test_consumers_of_a_topic_refuse_the_long_shape_with_one_line() -> None:
+def test_the_faust_app_alone_refuses_the_long_shape_with_one_line() -> None:
     from liquidstream.pipeline.errors import ConfigurationError
+    from liquidstream.pipeline.faust.app import build_app
 
-    settings = Settings(mapping={"shape": "long", "channel_fields": ["a", "b"]})
-    with pytest.raises(ConfigurationError, match="long input shape is read by `replay` and `train` only"):
-        DecodeLimits.from_settings(settings, 2)  # the worker, the faust app and the trainer build theirs so
-    assert DecodeLimits.from_settings(settings, 2, stream=False).mapping.shape == "long"  # files
+    settings = Settings(guarantee="at_least_once", mapping={"shape": "long", "channel_fields": ["a", "b"]})
+    with pytest.raises(ConfigurationError, match="faust app does not read the long input shape"):
+        build_app(settings)  # before loading a model or connecting
+    assert DecodeLimits.from_settings(settings, 2).mapping.shape == "long"  # the worker, trainer, files
