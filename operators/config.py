@@ -84,8 +84,15 @@ class OperatorSettings:
     state_ttl_s: float = 24 * 3600.0
     #: Channels named in an alert: the ``top_channels`` with the largest standardised residuals.
     top_channels: int = 3
+    #: A device that has not read for this many of its usual gaps (learnt per device: a gap longer than about
+    #: 97% of its gaps) while the stream moved on opens a ``silence`` alert, closed by its next reading
+    #: (:mod:`liquidstream.operators.silence`); 0 turns silence alerts off.
+    silence_after_gaps: float = 10.0
 
     def __post_init__(self) -> None:
+        if not self.silence_after_gaps >= 0:
+            msg = f"silence_after_gaps must be >= 0 (0: off), got {self.silence_after_gaps}"
+            raise ConfigError(msg)
         positive = {"max_gap_s": self.max_gap_s, "stats_alpha": self.stats_alpha, "state_ttl_s": self.state_ttl_s}
         for name, value in positive.items():
             if not value > 0:

@@ -11,6 +11,7 @@ the device's usual gap.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,9 +24,10 @@ from liquidstream.operators.fused_step import run_wave
 from liquidstream.operators.layout import FLAG_CLOSED, FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_ROWS, OutputRows
 from liquidstream.operators.result import Alert, AlertClosed, AlertReason, StepResult
 from liquidstream.operators.scoring import AnomalyScorer
+from liquidstream.operators.silence import Silence, SilenceWatch
 from liquidstream.operators.state.fields import LEVEL_FIELDS
 from liquidstream.operators.state.store import DeviceStateStore
-from liquidstream.operators.waves import plan_waves
+from liquidstream.operators.waves import WavePlan, plan_waves
 
 
 class LiquidOperator:
@@ -52,6 +54,7 @@ class LiquidOperator:
         self.store = DeviceStateStore(model.hidden_size, model.n_channels, initial_capacity=initial_capacity,
                                       device=self.device,
                                       extra_fields=LEVEL_FIELDS if settings.level_rule else ())
+        self.silence = SilenceWatch(self.store, settings.silence_after_gaps) if settings.silence_after_gaps else None
 
     def swap_model(self, model: Forecaster, version: str) -> None:
         """Serve a new model from the next call on (call between batches); device state is kept."""
@@ -107,8 +110,42 @@ class LiquidOperator:
             p = float(peak[k])
             out.append(AlertClosed(device_ids[int(known[k])], int(host["alert_open_ms"][row]),
                                    int(host["last_ts_ms"][row]), p, thr, self.scorer.severity(p, thr),
-                                   AlertReason.from_code(int(reason[k])), int(age[k]) + 1, False, -1, evicted=True))
+                                   AlertReason.from_code(int(reason[k])), int(age[k]) + 1, False, -1, "evicted"))
         return out
+
+    def check_silence(self, now_ms: int, device_ids: Sequence[str] | None = None) -> list[Alert]:
+        """Open the silences of ``device_ids`` (default: every device) that started at or before ``now_ms``
+        (stream time, epoch ms): devices quiet for ``silence_after_gaps`` of their usual gaps.  Each opens once,
+        ``index`` -1, and closes with the device's next reading (:mod:`liquidstream.operators.silence`).
+
+        >>> op = LiquidOperator(Forecaster(n_channels=1, hidden_size=4), OperatorSettings())
+        >>> _ = op.process(["a"] * 30, 1_000 * np.arange(30), np.zeros((30, 1), np.float32))  # 1 s rhythm
+        >>> op.check_silence(38_999), [(a.reason.value, a.ts_ms, a.score) for a in op.check_silence(39_500)]
+        ([], [('silence', 39000, 10.5)])
+        >>> op.check_silence(99_000)  # open already: once
+        []
+        """
+        if self.silence is None:
+            return []
+        ids = self.store.device_ids() if device_ids is None else list(device_ids)
+        rows = self.store.lookup(ids)
+        by_row = {int(r): d for d, r in zip(ids, rows.tolist(), strict=True) if r >= 0}
+        found = self.silence.check(int(now_ms), np.fromiter(by_row, np.int64, len(by_row)))
+        return [silence_alert(by_row[s.row], s, int(now_ms), self.settings.silence_after_gaps, -1) for s in found]
+
+    def _silences_ended(self, plan: WavePlan, ts_ms: np.ndarray) -> list[Silence]:
+        """The silences this batch's readings end (and the rhythm learns the other gaps), before the clocks move."""
+        if self.silence is None or plan.source.size == 0:
+            return []
+        ts = ts_ms[plan.source]
+        order = np.lexsort((ts, plan.rows))  # each device's readings in time order
+        rows_o, ts_o = plan.rows[order], ts[order]
+        prev = self.store.host["last_ts_ms"][rows_o].copy()
+        same = np.flatnonzero(rows_o[1:] == rows_o[:-1]) + 1
+        prev[same] = ts_o[same - 1]  # the previous reading in this batch
+        prev_w = np.empty_like(prev)
+        prev_w[order] = prev
+        return self.silence.observe(plan.rows, plan.source, ts, plan.dt_s, prev_w)
 
     def _validate(self, device_ids: Sequence[str], ts_ms: np.ndarray, values: np.ndarray) -> None:
         n = len(device_ids)
@@ -157,11 +194,21 @@ class LiquidOperator:
             reset = ints_t[3, lo:hi] != 0 if plan.reset[lo:hi].any() else None  # known on the host: no sync
             self._wave(ints_t[0, lo:hi], fl_t[:c, lo:hi], ints_t[1, lo:hi], fl_t[c, lo:hi], ints_t[2, lo:hi],
                        reset, out_f[:, lo:hi], out_b[:, lo:hi])
+        silences = self._silences_ended(plan, ts_ms)  # reads the clocks before this batch
         # Device clocks and counters advance on the host, where the policies read them.
         last = plan.last_rows
         host["last_ts_ms"][last] = np.maximum(host["last_ts_ms"][last], plan.last_ts_ms)
         host["count"][last] = plan.count_after
-        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, plan.rows, out_f, out_b)
+        result = self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, plan.rows, out_f, out_b)
+        if not silences:
+            return result
+        after = self.settings.silence_after_gaps
+        opened = [silence_alert(device_ids[s.index], s, s.end_ms, after, s.index) for s in silences if not s.noticed]
+        ended = [AlertClosed(device_ids[s.index], s.start_ms, s.end_ms, s.gaps(s.end_ms), after,
+                             silence_severity(s.gaps(s.end_ms), after), AlertReason.SILENCE, 1, False, s.index,
+                             "resumed") for s in silences]
+        return dataclasses.replace(result, alerts=sorted([*result.alerts, *opened], key=lambda a: a.index),
+                                   closed=sorted([*result.closed, *ended], key=lambda a: a.index))
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
@@ -223,3 +270,14 @@ class LiquidOperator:
                           horizon_s=res_f[:, layout.horizon].copy(),
                           score=res_score, threshold=res_thr, is_alert=in_alert, ts_ms=ts_ms,
                           anomaly_score=res_f[:, layout.anomaly_score].copy(), alerts=alerts, closed=closed)
+
+
+def silence_severity(gaps: float, after: float) -> str:
+    """``critical`` once silent for twice ``silence_after_gaps`` usual gaps, else ``warning``."""
+    return "critical" if gaps >= 2 * after else "warning"
+
+
+def silence_alert(device_id: str, s: Silence, now_ms: int, after: float, index: int) -> Alert:
+    """The opened record of a silence: ``ts`` its start, ``score`` the usual gaps silent by ``now_ms``."""
+    gaps = round(s.gaps(now_ms), 3)
+    return Alert(device_id, s.start_ms, gaps, after, silence_severity(gaps, after), (), AlertReason.SILENCE, index)

@@ -44,6 +44,8 @@ class AlertReason(StrEnum):
     LEVEL_DEVIATION = "level_deviation"  # the level rule's likelihood (reading against the normal level)
     # The anomaly likelihood of the forecast residuals fell below alert_probability.
     ANOMALY_LIKELIHOOD = "anomaly_likelihood"
+    # No reading for silence_after_gaps of the device's usual gaps while the stream moved on (score: usual gaps).
+    SILENCE = "silence"
 
     @property
     def code(self) -> int:
@@ -99,12 +101,14 @@ class AlertClosed:
     readings: int  # from the opening reading to the closing one, both included
     max_duration: bool  # closed because it reached max_alert_events (else: calm readings)
     index: int  # position of the closing event in the process() input (-1: no reading closed it)
-    evicted: bool = False  # closed because the device's state was evicted (idle for state_ttl_s); ts: its last reading
+    #: "" (calm or max_duration), "evicted" (the device's state was evicted, idle for state_ttl_s; ts: its last
+    #: reading) or "resumed" (a silence ended by the device's next reading)
+    cause: str = ""
 
     @property
     def closed_by(self) -> str:
-        """``calm``, ``max_duration`` or ``evicted`` (the alert record's ``closed_by``)."""
-        return "evicted" if self.evicted else "max_duration" if self.max_duration else "calm"
+        """``calm``, ``max_duration``, ``evicted`` or ``resumed`` (the alert record's ``closed_by``)."""
+        return self.cause or ("max_duration" if self.max_duration else "calm")
 
     @property
     def alert_id(self) -> str:

@@ -29,7 +29,7 @@ MAGIC = b"LSSTATE\0"
 #: 2: the anomaly-likelihood detector's fields (``d_*``, ``a_*``, ``lik_n``, ``commissioning``, ``alert_age``,
 #: ``cooldown``) replaced the adaptive-threshold ones; a version 1 snapshot is refused, not misread.
 #: 3: the alert lifecycle's fields (``alert_peak``, ``alert_reason``, ``alert_open_ms``).
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: the sampling rhythm and silence fields
 _PREFIX = struct.Struct("<8sHI")
 
 

@@ -34,6 +34,11 @@ field               dtype / shape    meaning
 ``last_ts_ms``      int64 (host)     event time of the last applied reading, epoch ms
 ``count``           int32 (host)     readings applied so far
 ``alert_open_ms``   int64 (host)     event time of the reading that opened the open alert, epoch ms (its id)
+``gap_n``           int32 (host)     gaps between readings learnt by the sampling rhythm (silence alerts)
+``gap_log_m``       float32 (host)   mean of log(gap in seconds), about the last 256 gaps
+``gap_log_v``       float32 (host)   its variance
+``gap_quiet``       int32 (host)     silent gaps in a row (3: the device changed its rate, the rhythm starts over)
+``silence_ms``      int64 (host)     start of the open silence alert, epoch ms (its id; 0: none)
 ==================  ===============  =====================================================================
 
 ``last_ts_ms`` and ``count`` live in numpy on the host because the event-time policies run there; the
@@ -91,7 +96,9 @@ LEVEL_FIELDS = likelihood_fields("l")
 NEUTRAL: dict[str, int] = {"var": 1, "calib": 1, "commissioning": -1} | {
     f"{k}_{f}": 1 for k in ("d", "a", "l") for f in ("s2", "v", "cal")}
 HOST_FIELDS: tuple[tuple[str, type[np.generic]], ...] = (("last_ts_ms", np.int64), ("count", np.int32),
-                                                         ("alert_open_ms", np.int64))
+                                                         ("alert_open_ms", np.int64), ("gap_n", np.int32),
+                                                         ("gap_log_m", np.float32), ("gap_log_v", np.float32),
+                                                         ("gap_quiet", np.int32), ("silence_ms", np.int64))
 #: Capacity grows by this factor (at least): 1.125 keeps the unused tail small (1/16 of the rows on
 #: average) at the price of more, still amortised O(1), copies while devices arrive.
 GROWTH = 1.125

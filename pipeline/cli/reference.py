@@ -25,7 +25,7 @@ def schema_text(name: str) -> str:
 
     >>> doc = json.loads(schema_text("alert"))
     >>> doc["$id"], doc["required"][:3]
-    ('urn:liquidstream:schema:alert:1', ['event', 'alert_id', 'device_id'])
+    ('urn:liquidstream:schema:alert:2', ['event', 'alert_id', 'device_id'])
     """
     from liquidstream.pipeline.wire.contract import json_schema
 

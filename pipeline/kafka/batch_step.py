@@ -18,18 +18,25 @@ from typing import cast
 import numpy as np
 
 from liquidstream.operators.operator import LiquidOperator
-from liquidstream.operators.result import AlertClosed, EventStatus
+from liquidstream.operators.result import Alert, AlertClosed, EventStatus
 from liquidstream.pipeline.errors import EncodeError, PipelineError
 from liquidstream.pipeline.kafka.long_input import Part, StreamAssembly
 from liquidstream.pipeline.kafka.output import BatchOutput, OutputTopics, OutRecord
 from liquidstream.pipeline.wire.codec import DecodeLimits, decode_batch, encode_json
 from liquidstream.pipeline.wire.contract import schema_headers
 from liquidstream.pipeline.wire.dead_letters import DeadLetter
-from liquidstream.pipeline.wire.records import alert_records, closed_record, encode_predictions, prediction_records
+from liquidstream.pipeline.wire.records import (
+    alert_records,
+    closed_record,
+    encode_predictions,
+    opened_record,
+    prediction_records,
+)
 from liquidstream.pipeline.wire.schemas import DeadLetterReason
 from liquidstream.pipeline.wire.types import MessageLike, SourceCoords, TopicPart
 
-__all__ = ["coords", "describe_range", "eviction_closes", "handle_batch", "offsets_to_commit", "tune_gc"]
+__all__ = ["coords", "describe_range", "eviction_closes", "handle_batch", "offsets_to_commit", "silence_record",
+           "tune_gc"]
 
 #: Every prediction and alert names its published schema and version (shared lists: never mutated).
 _PREDICTION_HEADERS, _ALERT_HEADERS = schema_headers("prediction"), schema_headers("alert")
@@ -180,7 +187,19 @@ def eviction_closes(closings: Iterable[AlertClosed], where: Mapping[str, TopicPa
         if tp is None:
             continue  # a device this worker never read (a commissioning row only): nothing was published for it
         rec = closed_record(closed, model_version)
-        rec["source"] = {"topic": tp[0], "partition": tp[1], "offset": max(positions.get(tp, 1) - 1, 0)}
-        out.append(OutRecord(topics.alerts, closed.device_id.encode("utf-8"), encode_json(rec), _ALERT_HEADERS, None,
-                             closed.ts_ms if topics.event_time else 0))
+        out.append(_off_batch(rec, closed.device_id, closed.ts_ms, tp, positions, topics))
     return out
+
+
+def silence_record(alert: Alert, tp: TopicPart, positions: Mapping[TopicPart, int], topics: OutputTopics,
+                   model_version: str) -> OutRecord:
+    """The ``opened`` record of a silence the worker's timer found on partition ``tp``."""
+    return _off_batch(opened_record(alert, model_version), alert.device_id, alert.ts_ms, tp, positions, topics)
+
+
+def _off_batch(rec: dict[str, object], device_id: str, ts_ms: int, tp: TopicPart,
+               positions: Mapping[TopicPart, int], topics: OutputTopics) -> OutRecord:
+    """An alert record decided outside a batch: its source is the last input offset read on its partition."""
+    rec["source"] = {"topic": tp[0], "partition": tp[1], "offset": max(positions.get(tp, 1) - 1, 0)}
+    return OutRecord(topics.alerts, device_id.encode("utf-8"), encode_json(rec), _ALERT_HEADERS, None,
+                     ts_ms if topics.event_time else 0)

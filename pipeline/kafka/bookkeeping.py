@@ -34,6 +34,13 @@ class DeviceRegistry:
     def note(self, device_partitions: dict[str, TopicPart]) -> None:
         self._where.update(device_partitions)
 
+    def by_partition(self) -> dict[TopicPart, list[str]]:
+        """The devices of each partition."""
+        out: dict[TopicPart, list[str]] = {}
+        for d, tp in self._where.items():
+            out.setdefault(tp, []).append(d)
+        return out
+
     def partitions_of(self, devices: Iterable[str]) -> dict[str, TopicPart]:
         return {d: self._where[d] for d in devices if d in self._where}
 

@@ -86,6 +86,7 @@ class KafkaWorker(Rebalancing):
         self._last_activity = self._last_stats = time.monotonic()
         self._joined, self._aborts_in_row = False, 0
         self._positions: dict[TopicPart, int] = {}  # next input offset per partition after the last batch handed over
+        self._seen: dict[TopicPart, float] = {}  # monotonic seconds of each partition's last batch (silence timer)
         self.updates = updates if updates is not None or not settings.follows_model_updates else \
             ModelFollower(settings, self.ops.metrics)
 
@@ -215,6 +216,7 @@ class KafkaWorker(Rebalancing):
             return
         self._aborts_in_row = 0
         self._positions.update(out.commits)
+        self._seen.update(dict.fromkeys(out.commits, time.monotonic()))
         self.registry.note(out.device_partitions)
         spent.append(time.monotonic() - t0)
 
@@ -262,8 +264,33 @@ class KafkaWorker(Rebalancing):
         if time.monotonic() - self._last_stats >= STATS_EVERY_S:
             self._last_stats = time.monotonic()
             self._evict_idle()
+            self._check_silence()
             log.info("stats %s", json.dumps(self.stats.as_dict() | {"devices": len(self.operator.store),
                                                                     "ready": self.ready}))
+
+    def _check_silence(self) -> None:
+        """Silences on partitions the stream left idle: each partition's stream time is its newest reading plus
+        the wall time since its last batch (a busy partition's batches open them as its readings arrive)."""
+        if self.operator.silence is None or not self._seen:
+            return
+        now = time.monotonic()
+        by_tp = self.registry.by_partition()
+        store, records, changed = self.operator.store, [], dict[str, TopicPart]()
+        for tp, devices in by_tp.items():
+            if tp not in self._assigned or tp not in self._seen:
+                continue
+            stream_ms = int(store.host["last_ts_ms"][store.lookup(devices)].max()) + \
+                round((now - self._seen[tp]) * 1000)
+            for alert in self.operator.check_silence(stream_ms, devices):
+                changed[alert.device_id] = tp
+                records.append(step.silence_record(alert, tp, self._positions, self.topics,
+                                                   self.operator.model_version))
+        if records:
+            changelog = cl.changelog_records(self.layout, store, changed, {}, self.settings.changelog,
+                                             self.operator.model_version)
+            if self.committer.commit(records, changelog, {}):
+                self.stats.alerts += len(records)
+                log.info("%d device(s) silent: silence alerts opened", len(records))
 
     def _evict_idle(self) -> None:
         """Drop devices idle for ``state_ttl_s`` of event time (so replays do not evict all), tombstones first."""

@@ -23,7 +23,7 @@ from liquidstream.pipeline.offline.progress import Progress
 from liquidstream.pipeline.offline.report import DeviceSeries, pick_devices, plot_devices
 from liquidstream.pipeline.offline.simulator import SimulatedStream, simulate
 from liquidstream.pipeline.settings import Settings
-from liquidstream.pipeline.wire.records import alert_records, prediction_records
+from liquidstream.pipeline.wire.records import alert_records, opened_record, prediction_records
 
 #: ``source.file`` of the demo's records: it has no input file, its readings come from the simulator.
 DEMO_SOURCE = "demo:simulator"
@@ -99,6 +99,8 @@ def run_demo(settings: Settings, out_dir: Path, cfg: DemoConfig | None = None, *
             for i, rec in alert_records(res, version):
                 rec["source"] = {"file": DEMO_SOURCE, "line": lo + i + 1}
                 alerts.append(rec)
+            for alert in op.check_silence(int(ts[lo:hi].max())):  # the simulator's dropouts: silent devices
+                alerts.append(opened_record(alert, version) | {"source": {"file": DEMO_SOURCE, "line": hi}})
             bar.update(hi, len(ids), events_per_s=hi / max(compute_s, 1e-9),
                        alerts=sum(a["event"] == "opened" for a in alerts))
     with (out_dir / "alerts.jsonl").open("w") as f:
@@ -106,12 +108,16 @@ def run_demo(settings: Settings, out_dir: Path, cfg: DemoConfig | None = None, *
     incidents = [i for i in sim.incidents if i.start_ms >= cut_ms]
     with (out_dir / "incidents.jsonl").open("w") as f:
         f.writelines(json.dumps(i.to_dict()) + "\n" for i in incidents)
-    opened = [a for a in alerts if a["event"] == "opened"]  # one per incident; closed records follow them
+    # One opened record per incident (closed records follow them); silences are scored apart: the simulator's
+    # injected incidents are anomalies in the readings, its dropouts are not incidents
+    opened = [a for a in alerts if a["event"] == "opened" and a["reason"] != "silence"]
+    silences = sum(a["event"] == "opened" and a["reason"] == "silence" for a in alerts)
     quality = score_incidents(((a["device_id"], a["ts"]) for a in opened),
                               ((i.device_id, i.kind, i.start_ms, i.end_ms) for i in incidents))
     _plot(out_dir / "plot.png", cfg, ids, ts, vals, fts, forecasts, stds, opened, incidents)
     summary = {"events": len(ids), "devices": len(set(ids)), "predictions": n_pred, "alerts": len(opened),
-               "alerts_closed": len(alerts) - len(opened),
+               "alerts_closed": sum(a["event"] == "closed" and a["reason"] != "silence" for a in alerts),
+               "silence_alerts": silences,
                "precision": round(quality.precision, 4), "recall": round(quality.recall, 4),
                "events_per_s": round(len(ids) / max(compute_s, 1e-9), 1),
                "events_per_s_note": "operator.process time only (state, waves, scoring), excluding JSON output",

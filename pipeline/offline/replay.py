@@ -29,7 +29,7 @@ from liquidstream.pipeline.offline.readings import read_jsonl
 from liquidstream.pipeline.serving import open_model
 from liquidstream.pipeline.settings import Settings
 from liquidstream.pipeline.wire.codec import DecodedBatch
-from liquidstream.pipeline.wire.records import alert_records, prediction_records
+from liquidstream.pipeline.wire.records import alert_records, opened_record, prediction_records
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,7 @@ def run_replay(settings: Settings, input_path: Path, out_dir: Path, cfg: ReplayC
     invalid = [{"line": r.index + 1, "reason": str(r.reason), "detail": r.detail, "source": src(r.index + 1)}
                for r in batch.rejects]
     n_pred = n_alerts = n_closed = 0
+    stream_ms = int(np.iinfo(np.int64).min)
     step = settings.batch_max_messages
     with (out_dir / "predictions.jsonl").open("w") as pf, (out_dir / "alerts.jsonl").open("w") as af, \
             Progress("replay", unit="ev", enabled=show) as bar:
@@ -152,6 +153,12 @@ def run_replay(settings: Settings, input_path: Path, out_dir: Path, cfg: ReplayC
                 af.write(json.dumps(rec) + "\n")
                 n_alerts += rec["event"] == "opened"
                 n_closed += rec["event"] == "closed"
+            # the stream (this file) moved on to the newest reading so far: devices quiet for too long open silences
+            stream_ms = max(stream_ms, int(batch.ts_ms[lo:hi].max()))
+            for alert in op.check_silence(stream_ms):
+                rec = opened_record(alert, version) | {"source": src(int(batch.index[hi - 1]) + 1)}
+                af.write(json.dumps(rec) + "\n")
+                n_alerts += 1
             for i in np.flatnonzero(~res.applied).tolist():
                 label = "late" if res.status[i] == EventStatus.LATE_DROPPED else "duplicate"
                 line = int(batch.index[lo + i]) + 1

@@ -13,7 +13,7 @@ stream (``file`` = ``"demo:simulator"``, ``line`` = position in the stream, 1-ba
 >>> "ok+long_gap" in STATUS_VALUES, "gap_reset" in STATUS_VALUES
 (True, False)
 >>> schema_headers("alert")
-[('ls.schema', b'alert'), ('ls.schema.version', b'1')]
+[('ls.schema', b'alert'), ('ls.schema.version', b'2')]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ __all__ = ["HEADER_SCHEMA", "HEADER_SCHEMA_VERSION", "SCHEMAS", "SCHEMA_VERSION"
            "DeadLetterRecord", "FileSource", "PredictionRecord", "Source", "json_schema", "schema_headers"]
 
 #: Version of every published schema; bumped on any change a consumer could notice.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: alert reason "silence", closed_by "evicted" and "resumed"
 HEADER_SCHEMA = "ls.schema"
 HEADER_SCHEMA_VERSION = "ls.schema.version"
 
@@ -50,6 +50,8 @@ _REASON_MEANING = {
     "anomaly_likelihood": "the tail probability of the forecast residuals fell below alert_probability",
     "forecast_deviation": "not opened any more; kept so that older records validate",
     "sustained_deviation": "not opened any more; kept so that older records validate",
+    "silence": "no reading for silence_after_gaps of the device's usual gaps while the stream moved on (score and "
+               "threshold then count usual gaps, ts is the instant the silence began, channels are empty)",
 }
 
 
@@ -140,8 +142,11 @@ class AlertRecord(BaseModel):
     ts: int = Field(description="Event time of the reading that opened (opened) or closed (closed) the alert, "
                                 "epoch ms.")
     score: FiniteFloat = Field(description="opened: score of that reading; closed: the largest score while the alert "
-                                           "was open (its peak). Decades (-log10 of the tail probability).")
-    threshold: FiniteFloat = Field(description="The device's alert threshold, decades (the score exceeded it).")
+                                           "was open (its peak). Decades (-log10 of the tail probability); reason "
+                                           "silence: usual gaps without a reading (closed: until the reading that "
+                                           "ended it).")
+    threshold: FiniteFloat = Field(description="The device's alert threshold, decades (the score exceeded it); "
+                                               "reason silence: silence_after_gaps.")
     severity: Literal["warning", "critical"] = Field(
         description='"critical" when score >= 2 x threshold (tail probability below alert_probability squared), '
                     'else "warning" (closed: of the peak).')
@@ -155,11 +160,12 @@ class AlertRecord(BaseModel):
     duration_ms: int | None = Field(default=None, ge=0, description="closed only: ts - opened_ts, ms of event time.")
     readings: int | None = Field(default=None, ge=1, description="closed only: readings from the opening one to the "
                                                                  "closing one, both included.")
-    closed_by: Literal["calm", "max_duration", "evicted"] | None = Field(
+    closed_by: Literal["calm", "max_duration", "evicted", "resumed"] | None = Field(
         default=None, description='closed only: "calm" (exit_after calm readings in a row), "max_duration" '
                                   '(max_alert_events readings open: the new state is accepted as normal) or '
                                   '"evicted" (the device was idle for state_ttl_s and its state dropped: ts is its '
-                                  'last reading, source the input position where the worker decided it).')
+                                  'last reading, source the input position where the worker decided it) or "resumed" '
+                                  '(a silence ended by the device\'s next reading; readings is 1).')
 
     @model_validator(mode="after")
     def _lifecycle_fields(self) -> AlertRecord:

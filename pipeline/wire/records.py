@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from liquidstream.operators.result import AlertClosed, EventStatus, StepResult
+from liquidstream.operators.result import Alert, AlertClosed, EventStatus, StepResult
 from liquidstream.pipeline.wire.types import SourceCoords
 
 #: (topic, partition, offset) of the input message behind an event; None outside Kafka.
@@ -141,6 +141,14 @@ def encode_predictions(device_ids: Sequence[str], result: StepResult, model_vers
     return out
 
 
+def opened_record(alert: Alert, model_version: str, names: Sequence[str] | None = None) -> dict[str, Any]:
+    """The ``opened`` alert record of ``alert`` (its ``source`` is the caller's to add)."""
+    return {"event": "opened", "alert_id": alert.alert_id, "device_id": alert.device_id, "ts": alert.ts_ms,
+            "score": alert.score, "threshold": alert.threshold, "severity": alert.severity,
+            "channels": [channel_label(names, c) for c in alert.channels], "reason": alert.reason,
+            "model_version": model_version}
+
+
 def closed_record(closed: AlertClosed, model_version: str) -> dict[str, Any]:
     """The ``closed`` alert record of ``closed`` (its ``source`` is the caller's to add)."""
     return {"event": "closed", "alert_id": closed.alert_id, "device_id": closed.device_id, "ts": closed.ts_ms,
@@ -156,12 +164,7 @@ def alert_records(result: StepResult, model_version: str, sources: Sequence[Sour
     out: list[tuple[int, dict[str, Any]]] = []
     for alert in result.alerts:
         names = channel_names[alert.index] if channel_names is not None else None
-        out.append((alert.index, {
-            "event": "opened", "alert_id": alert.alert_id, "device_id": alert.device_id, "ts": alert.ts_ms,
-            "score": alert.score, "threshold": alert.threshold, "severity": alert.severity,
-            "channels": [channel_label(names, c) for c in alert.channels], "reason": alert.reason,
-            "model_version": model_version,
-        }))
+        out.append((alert.index, opened_record(alert, model_version, names)))
     out += [(closed.index, closed_record(closed, model_version)) for closed in result.closed]
     out.sort(key=lambda item: item[0])
     if sources is not None:

@@ -73,6 +73,9 @@ def fill_random(store: DeviceStateStore, ids: list[str], seed: int) -> None:
         t[idx] = v.to(t.device)
     rng = np.random.default_rng(seed)
     for a in store.host.values():
+        if a.dtype.kind == "f":  # the sampling rhythm's statistics
+            a[rows] = rng.standard_normal(len(ids)).astype(a.dtype)
+            continue
         hi = min(np.iinfo(a.dtype).max, 2**45)
         a[rows] = rng.integers(1, hi, size=len(ids)).astype(a.dtype)
 

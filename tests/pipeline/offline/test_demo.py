@@ -21,8 +21,10 @@ def test_small_demo_writes_consistent_outputs(tmp_path: Path) -> None:
     preds = (tmp_path / "predictions.jsonl").read_text().splitlines()
     alerts = (tmp_path / "alerts.jsonl").read_text().splitlines()
     assert len(preds) == summary["predictions"] == summary["events"]  # simulator emits no late/duplicates
-    events = [json.loads(line)["event"] for line in alerts]
-    assert events.count("opened") == summary["alerts"] and events.count("closed") == summary["alerts_closed"]
+    events = [(json.loads(line)["event"], json.loads(line)["reason"] == "silence") for line in alerts]
+    assert events.count(("opened", False)) == summary["alerts"] and events.count(("closed", False)) == \
+        summary["alerts_closed"]
+    assert events.count(("opened", True)) == summary["silence_alerts"] > 0  # the simulator's dropouts
     opened = {json.loads(line)["alert_id"] for line in alerts if json.loads(line)["event"] == "opened"}
     closed = [json.loads(line)["alert_id"] for line in alerts if json.loads(line)["event"] == "closed"]
     assert len(closed) == len(set(closed)) and set(closed) <= opened, "each alert closes once, after it opened"

@@ -8,6 +8,7 @@ import pytest
 
 from liquidstream.pipeline.errors import EncodeError
 from liquidstream.pipeline.wire.codec import DecodeLimits, Reject, decode_batch
+from liquidstream.pipeline.wire.contract import SCHEMA_VERSION
 from liquidstream.pipeline.wire.dead_letters import (
     HEADER_CLASS,
     HEADER_FAILED_AT,
@@ -40,7 +41,7 @@ def test_header_names_order_and_values() -> None:
         ("ls.failed.at", b"1700000000123"),
         ("ls.worker", b"worker-a"),
         ("ls.schema", b"dead-letter"),
-        ("ls.schema.version", b"1"),
+        ("ls.schema.version", str(SCHEMA_VERSION).encode()),
     ]
     assert all(isinstance(name, str) and isinstance(value, bytes) for name, value in headers)
 
@@ -60,7 +61,7 @@ def test_parse_is_the_inverse(reason: DeadLetterReason) -> None:
     assert parse_dead_letter_headers(headers) == {
         HEADER_CLASS: reason.value, HEADER_REASON: "détail ü", HEADER_TOPIC: "in-topic",
         HEADER_PARTITION: "2", HEADER_OFFSET: str(2**40), HEADER_FAILED_AT: "5", HEADER_WORKER: "w",
-        "ls.schema": "dead-letter", "ls.schema.version": "1",
+        "ls.schema": "dead-letter", "ls.schema.version": str(SCHEMA_VERSION),
     }
 
 
