@@ -24,6 +24,7 @@ import torch
 from liquidstream.operators.config import OperatorSettings
 from liquidstream.operators.edge_step import INPUTS, OUTPUTS, STATE, EdgeStep
 from liquidstream.operators.forecaster import Forecaster
+from liquidstream.pipeline.errors import ConfigurationError
 
 __all__ = ["FORMATS", "check_onnx", "example_inputs", "export_step", "stream_inputs"]
 
@@ -52,9 +53,21 @@ def _quiet() -> Iterator[None]:
 
 
 def _onnx(step: EdgeStep, out: Path) -> None:
+    import onnx  # the export extra
+
     batch = torch.export.Dim("batch", min=1)
-    torch.onnx.export(step, example_inputs(step), str(out), input_names=list(INPUTS), output_names=list(OUTPUTS),
-                      dynamic_shapes={n: {0: batch} for n in INPUTS}, dynamo=True, external_data=False)
+    program = torch.onnx.export(step, example_inputs(step), input_names=list(INPUTS), output_names=list(OUTPUTS),
+                                dynamic_shapes={n: {0: batch} for n in INPUTS}, dynamo=True)
+    if program is None:  # dynamo=True returns the program; None would be a torch without that exporter
+        msg = f"torch {torch.__version__} did not return an ONNX program: export needs torch >= 2.5"
+        raise ConfigurationError(msg)
+    proto = program.model_proto
+    # The exporter annotates every node with the Python stack and FX names that made it: two thirds of the
+    # file, of no use to a runtime.
+    for node in proto.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    onnx.save_model(proto, str(out))
 
 
 def _torchscript(step: EdgeStep, out: Path) -> None:
