@@ -133,8 +133,9 @@ class DeviceQueries:
         alert: dict[str, Any] = {"open": bool(got.alert_open[0])}
         if alert["open"]:
             alert |= {"alert_id": f"{device_id}@{opened}", "opened_ts": opened}
+        gap_s = round(float(got.dt_s[0]), 3)  # a gap of whole ms, seconds
         return 200, {"device_id": device_id, "at": int(got.ts_ms[0]), "last_reading_ts": int(got.last_ts_ms[0]),
-                     "gap_s": float(got.dt_s[0]), "long_gap": bool(got.long_gap[0]), "readings": int(got.readings[0]),
+                     "gap_s": gap_s, "long_gap": bool(got.long_gap[0]), "readings": int(got.readings[0]),
                      "forecast": _floats(got.forecast[0]), "forecast_std": _floats(got.forecast_std[0]),
                      "normal_level": _floats(got.normal_level[0]), "normal_spread": _floats(got.normal_spread[0]),
                      "alert": alert, "model_version": got.model_version, "topic": held.topic,
