@@ -98,6 +98,10 @@ class DeviceQueries:
                                                      "(a long batch or a restore); try again"}
         return req.answer
 
+    def waiting(self) -> bool:
+        """Whether a query waits for :meth:`serve` (a cheap check for every loop turn)."""
+        return not self._waiting.empty()
+
     def serve(self, operator: LiquidOperator, held: Held) -> int:
         """Called from the worker loop between batches: answer every waiting query; returns how many."""
         served = 0

@@ -111,7 +111,7 @@ class KafkaWorker(Rebalancing):
                      s.batch_max_messages, s.batch_max_ms)
             while self._stop_reason is None:
                 self.ops.beat()
-                if self.queries is not None:  # between batches, on this thread (see device_query's docstring)
+                if self.queries is not None and self.queries.waiting():  # between batches, on this thread
                     self.queries.serve(self.operator, Held.of(s.input_topic, self._assigned, self._partitions,
                                                               self.registry))
                 if self.updates is not None:

@@ -163,6 +163,8 @@ def test_queries_off_and_a_loop_that_does_not_answer() -> None:
     try:
         code, doc = stuck.get(path_of("pump/7 ü"))
         assert code == 503 and "did not answer within 0.2 s" in doc["reason"]
+        assert stuck.desk.waiting()  # the loop answers it on its next turn (the caller has gone)
+        assert stuck.desk.serve(stuck.op, stuck.held) == 1 and not stuck.desk.waiting()
     finally:
         stuck.close()
 
