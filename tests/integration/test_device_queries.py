@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from confluent_kafka import Producer
 
-from tests.integration.conftest import Topics, drain, finish, run_cmd, spawn
+from tests.integration.conftest import PARTITIONS, Topics, drain, finish, run_cmd, spawn
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +120,20 @@ def test_each_device_is_answered_by_the_worker_holding_its_partition(
         rc, _ = finish(w, log, 60)
         assert rc == 0, log.read_text()[-3000:]
     assert TOKEN not in "".join(log.read_text() for log in logs)
+
+
+@pytest.mark.parametrize("partitioner", ["consistent_random", "murmur2_random"])
+def test_the_partition_named_is_where_librdkafka_puts_the_key(kafka_bootstrap: str, topics: Topics,
+                                                               partitioner: str) -> None:
+    """The worker's own hash agrees with the client's partitioners (the Java-compatible murmur2 included)."""
+    from liquidstream.pipeline.kafka.ownership import partition_for
+
+    placed: dict[bytes, int] = {}
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "partitioner": partitioner})
+    keys = [f"dev-{i}".encode() for i in range(40)] + ["pump/7 ü".encode(), b"x" * 300]
+    for key in keys:
+        producer.produce(topics.input, b"{}", key,
+                         on_delivery=lambda err, msg: placed.__setitem__(msg.key(), msg.partition()) if err is None
+                         else None)
+    assert producer.flush(30) == 0
+    assert placed == {k: partition_for(k, PARTITIONS, partitioner) for k in keys}
