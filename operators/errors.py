@@ -26,3 +26,15 @@ class StateFormatError(LiquidStreamError, ValueError):
 
 class ModelFormatError(LiquidStreamError, ValueError):
     """A saved model is missing files, has an unknown config, or does not match its state dict."""
+
+
+class DeviceQueryError(InputError):
+    """A question about one device that the operator cannot answer (:func:`liquidstream.operators.asof.forecast_at`).
+
+    ``reason`` says why: ``unknown`` (no state for the device), ``no_reading`` (a row but no reading applied yet),
+    ``before_last_reading`` (an instant earlier than its last reading), ``invalid`` (a malformed query).
+    """
+
+    def __init__(self, message: str, device_id: str, reason: str) -> None:
+        super().__init__(message)
+        self.device_id, self.reason = device_id, reason

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from liquidstream.operators.asof import forecast_reading
 from liquidstream.operators.config import OperatorSettings
 from liquidstream.operators.forecaster import Forecaster
 from liquidstream.operators.layout import FLAG_CLOSED, FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, OutputRows
@@ -105,11 +106,7 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     first = cnt == 0
     x_last, mean, var, calib = f("x_last"), f("mean"), f("var"), f("calib")
     # 1. forecast this reading from the state before it, at the real gap (delta and absolute forecasts)
-    sc = scale(mean, var)
-    last_z = (x_last - mean) / sc
-    last_in = torch.clamp(last_z, -CLIP_Z, CLIP_Z)  # the network's input is clipped, the delta's skip is not:
-    mu, sd, ab = model.forecast_columns_all(w.h, last_in, dt)
-    mu = mu + (last_z - last_in)  # a reading far out (a drifted level) is forecast from where it really is
+    mu, sd, ab, sc = forecast_reading(model, w.h, x_last, mean, var, dt)  # shared with forecast_at (asof.py)
     x_z = (x - mean) / sc  # unclipped: the likelihoods must see how far out a reading is
     comm = f("commissioning")
     n_comm = torch.where(comm >= 0, comm, s.commissioning_events)  # this device's commissioning, readings

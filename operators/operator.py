@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from liquidstream.operators.asof import InstantForecast, forecast_at
 from liquidstream.operators.config import OperatorSettings
 from liquidstream.operators.errors import InputError
 from liquidstream.operators.forecaster import Forecaster
@@ -81,6 +82,19 @@ class LiquidOperator:
         rows, _ = self.store.rows_for(device_ids)
         idx = torch.as_tensor(rows, device=self.device)
         self.store.tensors["commissioning"][idx] = torch.as_tensor(n, dtype=torch.int32, device=self.device)
+
+    def forecast_at(self, device_ids: Sequence[str], ts_ms: np.ndarray | Sequence[int]) -> InstantForecast:
+        """Each device's forecast at its instant ``ts_ms`` (int64 epoch ms, at or after its last reading): the
+        forecast a reading arriving then would be scored against; changes no state (see
+        :mod:`liquidstream.operators.asof`).
+
+        >>> op = LiquidOperator(Forecaster(n_channels=1, hidden_size=4), OperatorSettings())
+        >>> _ = op.process(["a", "a"], np.array([1000, 2000]), np.array([[1.0], [3.0]], dtype=np.float32))
+        >>> now = op.forecast_at(["a"], [5000])
+        >>> now.dt_s.tolist(), now.forecast.shape, now.last_ts_ms.tolist()
+        ([3.0], (1, 1), [2000])
+        """
+        return forecast_at(self.model, self.store, self.settings, self.model_version, device_ids, ts_ms)
 
     def evict_idle(self, now_ms: int) -> list[str]:
         return self.store.evict_idle(now_ms, self.settings.state_ttl_s)

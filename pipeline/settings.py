@@ -144,8 +144,21 @@ class Settings(BaseSettings):
     online: OnlineSettings = Field(default_factory=lambda: OnlineSettings.model_validate({}))
 
     # --- operations -------------------------------------------------------------------------------------
-    #: Port of ``/metrics``, ``/healthz`` and ``/readyz`` (0 = any free port, named in the log).
+    #: Port of ``/metrics``, ``/healthz``, ``/readyz`` and ``/devices/{id}`` (0 = any free port, named in the log).
     metrics_port: int = Field(default=9108, ge=0, le=65535)
+    #: Address the ops port binds: ``0.0.0.0`` every interface (probes and scrapes come from outside the pod),
+    #: ``127.0.0.1`` this host only.  ``/devices/{id}`` serves sensor data: bind narrowly or set ``query_token``.
+    metrics_host: str = Field(default="0.0.0.0", min_length=1)  # noqa: S104 - the pod IP must answer probes
+    #: Answer ``GET /devices/{id}[?at=EPOCH_MS]`` on the ops port (a device's forecast at that instant, from this
+    #: worker's state; 404 for a device another worker owns).  False: 404 on that path.
+    device_queries: bool = True
+    #: Bearer token ``GET /devices/{id}`` must carry (``Authorization: Bearer <token>``; 401 otherwise); a secret,
+    #: never logged.  None: no token asked.  ``/metrics`` and the probes never ask for one.
+    query_token: SecretStr | None = None
+    #: How producers of the input topic place a key on a partition, so that a query for a device this worker does
+    #: not hold can name its partition: ``consistent_random`` (librdkafka's default, CRC-32 of the key: every
+    #: confluent-kafka/librdkafka producer, this project's included) or ``murmur2_random`` (the Java client's).
+    input_partitioner: Literal["consistent_random", "murmur2_random"] = "consistent_random"
     #: Log lines as JSON objects or human text; unset: human on a terminal, JSON elsewhere.
     log_format: Literal["json", "human"] = "human"
     #: ``DEBUG``, ``INFO``, ``WARNING``, ``ERROR`` or ``CRITICAL``.

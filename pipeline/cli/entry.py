@@ -17,7 +17,7 @@ from typing import Any
 import pydantic
 
 from liquidstream.operators.errors import LiquidStreamError
-from liquidstream.pipeline.cli import kafka, offline, ops, reference, train
+from liquidstream.pipeline.cli import export, kafka, offline, ops, reference, train
 from liquidstream.pipeline.cli.args import Command, DefaultsFormatter, Handler
 from liquidstream.pipeline.settings import Settings
 from liquidstream.pipeline.settings_doc import unknown_variables
@@ -25,8 +25,8 @@ from liquidstream.pipeline.settings_doc import unknown_variables
 __all__ = ["COMMANDS", "build_parser", "main", "version"]
 
 #: Every sub-command, in ``--help`` order: one explicit table, built from each module's own list.
-COMMANDS: tuple[Command, ...] = (*offline.COMMANDS, *kafka.COMMANDS, *train.COMMANDS, *ops.COMMANDS,
-                                 *reference.COMMANDS)
+COMMANDS: tuple[Command, ...] = (*offline.COMMANDS, *kafka.COMMANDS, *train.COMMANDS, *export.COMMANDS,
+                                 *ops.COMMANDS, *reference.COMMANDS)
 #: Sub-commands that never run a model: they skip configuring torch at start-up.
 _NO_TORCH = frozenset({"simulate", "report", "schema", "settings"})
 _MAPPING = "mapping_"  # flags of the input mapping: dest mapping_<field of InputMapping>

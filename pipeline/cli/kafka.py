@@ -67,7 +67,9 @@ def register_run(sub: Any) -> Handler:
     p.add_argument("--changelog-topic", default=None, help="state changelog (default <group-id>-state-changelog)")
     p.add_argument("--metrics-port", type=port, default=None,
                    help="port of /metrics, /healthz, /readyz (0 = any free port, named in the log line 'serving "
-                        "/metrics, /healthz, /readyz on HOST:PORT')")
+                        "/metrics, /healthz, /readyz on HOST:PORT'); also /devices/{id}")
+    p.add_argument("--metrics-host", default=None,
+                   help="address the ops port binds (127.0.0.1: this host only; /devices/{id} serves sensor data)")
     mapping_flags(p)
     return _cmd_run
 

@@ -37,6 +37,7 @@ from liquidstream.pipeline.kafka import changelog as cl
 from liquidstream.pipeline.kafka import transactions as tx
 from liquidstream.pipeline.kafka.at_least_once import AtLeastOnce
 from liquidstream.pipeline.kafka.bookkeeping import DeviceRegistry, StateUndo, Stats
+from liquidstream.pipeline.kafka.device_query import DeviceQueries, Held
 from liquidstream.pipeline.kafka.long_input import StreamAssembly
 from liquidstream.pipeline.kafka.output import OutputTopics
 from liquidstream.pipeline.kafka.rebalance import RESTORE_TIMEOUT_S, Rebalancing
@@ -89,6 +90,8 @@ class KafkaWorker(Rebalancing):
         self._seen: dict[TopicPart, float] = {}  # monotonic seconds of each partition's last batch (silence timer)
         self.updates = updates if updates is not None or not settings.follows_model_updates else \
             ModelFollower(settings, self.ops.metrics)
+        self.queries = DeviceQueries(settings, worker_id) if settings.device_queries else None
+        self._partitions = 0  # of the input topic, once known (ensure_changelog)
 
     def stop(self, signum: int | None = None, _frame: object = None) -> None:
         """Signal handler: finish the current batch, commit it (and any still in flight), close, exit 0."""
@@ -99,8 +102,9 @@ class KafkaWorker(Rebalancing):
         try:
             self.ops.set_model_version(self.operator.model_version)
             if self.serve_ops:
-                self.ops.start(s.metrics_port, worker_ready=lambda: self.ready)
-            partitions = self.ensure_changelog()
+                self.ops.start(s.metrics_port, worker_ready=lambda: self.ready,
+                               queries=None if self.queries is None else self.queries.ask)
+            partitions = self._partitions = self.ensure_changelog()
             if self.updates is not None:
                 self.updates.start()
             self.committer.start()
@@ -112,6 +116,9 @@ class KafkaWorker(Rebalancing):
                      s.batch_max_messages, s.batch_max_ms)
             while self._stop_reason is None:
                 self.ops.beat()
+                if self.queries is not None and self.queries.waiting():  # between batches, on this thread
+                    self.queries.serve(self.operator, Held.of(s.input_topic, self._assigned, self._partitions,
+                                                              self.registry))
                 if self.updates is not None:
                     self._follow_updates(self.updates)  # between batches: the last one committed or rewound
                 batch = []  # so that an error in consume() is not reported against the previous batch

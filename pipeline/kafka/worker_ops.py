@@ -26,13 +26,14 @@ import errno
 import logging
 import time
 from collections.abc import Callable, Iterable
+from ipaddress import ip_address
 from typing import Any
 
 from liquidstream.pipeline.errors import ConfigurationError
 from liquidstream.pipeline.kafka.output import BatchOutput
 from liquidstream.pipeline.ops.health import BrokerWatch, Health, Readiness
 from liquidstream.pipeline.ops.metrics import Metrics
-from liquidstream.pipeline.ops.server import OpsServer
+from liquidstream.pipeline.ops.server import DeviceQuery, OpsServer
 from liquidstream.pipeline.settings import Settings
 from liquidstream.pipeline.wire.types import TopicPart
 
@@ -40,6 +41,18 @@ __all__ = ["MAX_SILENCE_S", "WorkerOps"]
 log = logging.getLogger("liquidstream.worker")
 #: Seconds without a loop turn after which ``/healthz`` reports the worker stalled.
 MAX_SILENCE_S = 60.0
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is this machine only.
+
+    >>> _loopback("127.0.0.1"), _loopback("::1"), _loopback("localhost"), _loopback("0.0.0.0"), _loopback("pod-7")
+    (True, True, True, False, False)
+    """
+    try:
+        return ip_address(host).is_loopback
+    except ValueError:  # a host name
+        return host == "localhost"
 
 
 def _name(tp: TopicPart) -> str:
@@ -51,7 +64,7 @@ class WorkerOps:
 
     def __init__(self, settings: Settings, *, max_silence_s: float = MAX_SILENCE_S) -> None:
         self.metrics, self.health = Metrics(), Health(max_silence_s=max_silence_s)
-        self.topic = settings.input_topic
+        self.topic, self.host, self._token = settings.input_topic, settings.metrics_host, settings.query_token
         self.watch = BrokerWatch(self.metrics, topic=self.topic)
         self.readiness = Readiness(self.watch, self.metrics)
         self.server: OpsServer | None = None
@@ -65,8 +78,10 @@ class WorkerOps:
         logger that routes librdkafka's own lines through the process's (redacting) handler."""
         return conf | self.watch.callbacks(stats=stats) | {"logger": self._kafka_log}
 
-    def start(self, port: int, *, worker_ready: Callable[[], bool] | None = None) -> int:
-        """Serve the three paths on ``port`` (0 = an ephemeral one) and return the bound port.
+    def start(self, port: int, *, worker_ready: Callable[[], bool] | None = None,
+              queries: DeviceQuery | None = None) -> int:
+        """Serve the three paths (and ``/devices/{id}`` with ``queries``) on ``port`` (0 = an ephemeral one) of
+        ``metrics_host`` and return the bound port.
 
         A port already in use (a second worker on one host) falls back to an ephemeral port with a warning
         naming it, rather than running without probes or refusing to start.
@@ -74,7 +89,11 @@ class WorkerOps:
         if worker_ready is not None:
             self._worker_ready = worker_ready
         if self.server is None:
-            self.server = OpsServer(self.metrics, self.health, self.check)
+            self.server = OpsServer(self.metrics, self.health, self.check, host=self.host, queries=queries,
+                                    token=self._token)
+            if queries is not None and self._token is None and not _loopback(self.host):
+                log.warning("/devices/{id} serves sensor data on %s without a token: set LIQUIDSTREAM_QUERY_TOKEN, "
+                            "or LIQUIDSTREAM_METRICS_HOST=127.0.0.1, or LIQUIDSTREAM_DEVICE_QUERIES=false", self.host)
         try:
             try:
                 self.port = self.server.start(port)

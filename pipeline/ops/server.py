@@ -3,24 +3,35 @@
 :class:`OpsServer` serves ``GET /metrics`` (Prometheus text from :class:`~liquidstream.pipeline.ops.metrics.Metrics`),
 ``/healthz`` (200 while :class:`~liquidstream.pipeline.ops.health.Health` beats, else 503) and ``/readyz`` (200 when the
 ``ready`` check passes, else 503 with a JSON ``reason``), from a daemon thread so that a slow scrape never
-stalls the worker loop.
+stalls the worker loop.  Given a ``queries`` callable it also answers ``GET /devices/{id}[?at=EPOCH_MS]`` (a
+device's forecast at that instant: :mod:`liquidstream.pipeline.kafka.device_query`); that path serves sensor data,
+so with a ``token`` it answers only requests carrying ``Authorization: Bearer <token>`` (401 otherwise), while
+``/metrics`` and the probes never ask for one.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, unquote
 
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 
 from liquidstream.pipeline.ops.health import Health, ReadyCheck
 from liquidstream.pipeline.ops.metrics import Metrics
 
-__all__ = ["OpsServer"]
+__all__ = ["DEVICES", "DeviceQuery", "OpsServer"]
 log = logging.getLogger("liquidstream.metrics")
+#: Path prefix of the device queries: ``/devices/{url-encoded device id}``.
+DEVICES = "/devices/"
+#: ``(device id, instant epoch ms or None for now) -> (HTTP status, JSON document)``.
+DeviceQuery = Callable[[str, int | None], tuple[int, dict[str, Any]]]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -38,8 +49,41 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/readyz":
             ready, reason = ops.readiness()
             self._json(200 if ready else 503, {"status": "ready" if ready else "not ready", "reason": reason})
+        elif path.startswith(DEVICES):
+            try:
+                device_id = unquote(path[len(DEVICES):], errors="strict")
+            except UnicodeDecodeError:
+                self._json(400, {"status": "bad request", "reason": "the device id is not URL-encoded UTF-8"})
+                return
+            self._device(device_id, self.path.partition("?")[2])
         else:
-            self._json(404, {"status": "not found", "paths": ["/metrics", "/healthz", "/readyz"]})
+            self._json(404, {"status": "not found", "paths": ["/metrics", "/healthz", "/readyz", "/devices/{id}"]})
+
+    def _device(self, device_id: str, query: str) -> None:
+        ops = self.server.ops
+        if ops.queries is None:
+            self._json(404, {"status": "not found", "reason": "device queries are off (LIQUIDSTREAM_DEVICE_QUERIES)"})
+            return
+        if ops.token is not None and not self._authorised(ops.token):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", 'Bearer realm="liquidstream devices"')
+            body = b'{"status": "unauthorized", "reason": "this path needs Authorization: Bearer <query token>"}\n'
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        at = parse_qs(query).get("at", [None])[-1]
+        if not device_id or (at is not None and not (at.isascii() and at.isdigit())):
+            reason = f"at must be epoch ms (digits), got {(at or '')[:40]!r}" if device_id else "no device id"
+            self._json(400, {"status": "bad request", "reason": reason})
+            return
+        code, doc = ops.queries(device_id, None if at is None else int(at))
+        self._json(code, doc)
+
+    def _authorised(self, token: bytes) -> bool:
+        given = (self.headers.get("Authorization") or "").encode("utf-8", "replace")
+        return hmac.compare_digest(given, b"Bearer " + token)  # constant time: the token is not guessable by timing
 
     def _json(self, code: int, doc: dict[str, Any]) -> None:
         self._send(code, json.dumps(doc).encode() + b"\n", "application/json")
@@ -65,8 +109,10 @@ class OpsServer:
     in a pod the kubelet probes the pod IP and Prometheus scrapes it."""
 
     def __init__(self, metrics: Metrics, health: Health, ready: ReadyCheck | None = None,
-                 host: str = "0.0.0.0") -> None:  # noqa: S104 - probes and scrapes come from outside the pod
-        self.metrics, self.health, self.host = metrics, health, host
+                 host: str = "0.0.0.0",  # noqa: S104 - probes and scrapes come from outside the pod
+                 queries: DeviceQuery | None = None, token: SecretStr | None = None) -> None:
+        self.metrics, self.health, self.host, self.queries = metrics, health, host, queries
+        self.token = None if token is None else token.get_secret_value().encode()
         self._ready: ReadyCheck = ready if ready is not None else (lambda: True)
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -89,6 +135,9 @@ class OpsServer:
         self._thread.start()
         bound = int(self._server.server_address[1])
         log.info("serving /metrics, /healthz, /readyz on %s:%d", self.host, bound, extra={"metrics_port": bound})
+        if self.queries is not None:
+            log.info("answering /devices/{id} on %s:%d (%s)", self.host, bound,
+                     "token required" if self.token is not None else "no token asked")
         return bound
 
     def stop(self) -> None:
