@@ -122,6 +122,8 @@ def changelog_records(layout: StateLayout, store: DeviceStateStore, devices: Map
     out, headers = [], {tp: _headers(*tp, offset, model_version) for tp, offset in commits.items()}
     for device, blob in layout.split(store.snapshot(list(devices))):  # snapshot skips unknown ids
         tp = devices[device]  # one headers list per partition, shared by its records (nothing mutates them)
+        if tp not in headers:  # a change outside a batch (a silence the timer opened): no input offset
+            headers[tp] = _headers(*tp, -1, model_version)
         out.append(OutRecord(topic, device.encode(), blob, headers[tp], tp[1]))
     for (t, p), offset in sorted(commits.items()):
         doc: dict[str, Any] = {"topic": t, "partition": p, "offset": offset}

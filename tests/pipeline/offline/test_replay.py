@@ -108,3 +108,25 @@ def test_commissioning_readings_never_alert(tmp_path: Path, capsys: pytest.Captu
     with pytest.raises(SystemExit):  # argparse: one usage line, exit 2
         main(["replay", "--input", str(src), "--out", str(tmp_path / "x"), "--commissioning", "-1"])
     assert "--commissioning: must be >= 0" in capsys.readouterr().err
+
+
+def test_a_device_that_falls_silent_gets_a_silence_alert_in_the_replay_output(tmp_path: Path) -> None:
+    """q reads every second for 10 minutes; p every second, then nothing for 2 minutes, then again; at the end p
+    stops early (the file ends before q): one silence closed by p's return and one still open."""
+    lines, t_end = [], T0 + 600_000
+    for t in range(T0, t_end, 1000):
+        lines.append(_reading("q", t, [1.0]))
+        if t < T0 + 60_000 or T0 + 180_000 <= t < T0 + 500_000:
+            lines.append(_reading("p", t + 300, [2.0]))
+    out = tmp_path / "out"
+    run_replay(Settings(batch_max_messages=100), _write(tmp_path / "in.jsonl", lines), out, ReplayConfig(hidden_size=4),
+               show=False)
+    silences = [a for a in _jsonl(out / "alerts.jsonl") if a["reason"] == "silence"]
+    assert [(a["event"], a["device_id"], a["ts"]) for a in silences] == [
+        ("opened", "p", T0 + 59_300 + 10_000),  # usual gap 1 s: silent 10 s after its last reading
+        ("closed", "p", T0 + 180_300),
+        ("opened", "p", T0 + 499_300 + 10_000)]
+    opened, closed = silences[0], silences[1]
+    assert closed["alert_id"] == opened["alert_id"] == f"p@{T0 + 69_300}" and closed["closed_by"] == "resumed"
+    assert closed["score"] == pytest.approx(121.0) and opened["threshold"] == 10.0
+    assert opened["source"]["line"] < closed["source"]["line"]  # noticed while q moved on, before p came back
