@@ -6,7 +6,8 @@ scattering their rows in the :class:`~liquidstream.operators.state.store.DeviceS
 reading from the state *before* it (at the real gap), turn its residuals into a tail probability (the anomaly
 likelihoods of :mod:`liquidstream.operators.scoring`), run the alert state machine, update the running
 statistics (unless inside an alert), fold the reading into the hidden state, and forecast the next reading at
-the device's usual gap.
+the device's usual gap.  A batch of many readings of few devices takes the compiled per-device step instead
+(:mod:`liquidstream.operators.compiled`, same results): ``OperatorSettings.step_path`` says when.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from liquidstream.operators.compiled import COMPILED_MIN_READINGS_PER_DEVICE, CompiledStep, compiled_cell
 from liquidstream.operators.config import OperatorSettings
 from liquidstream.operators.errors import InputError
 from liquidstream.operators.forecaster import Forecaster
@@ -25,7 +27,7 @@ from liquidstream.operators.result import Alert, AlertClosed, AlertReason, StepR
 from liquidstream.operators.scoring import AnomalyScorer
 from liquidstream.operators.state.fields import LEVEL_FIELDS
 from liquidstream.operators.state.store import DeviceStateStore
-from liquidstream.operators.waves import plan_waves
+from liquidstream.operators.waves import WavePlan, plan_waves
 
 
 class LiquidOperator:
@@ -52,6 +54,23 @@ class LiquidOperator:
         self.store = DeviceStateStore(model.hidden_size, model.n_channels, initial_capacity=initial_capacity,
                                       device=self.device,
                                       extra_fields=LEVEL_FIELDS if settings.level_rule else ())
+        self._compiled = CompiledStep(settings, self.scorer, self.store)
+        self._cell_kind = self._compiled_kind()
+        #: Which path computed the last batch: ``"tensor"`` or ``"compiled"`` (``""`` before the first).
+        self.last_step_path = ""
+
+    def _compiled_kind(self) -> int | None:
+        """The compiled kernel's cell kind for this model, or None where the tensor path must run."""
+        if self.settings.step_path == "tensor" or self.device.type != "cpu":
+            return None
+        return compiled_cell(self.model)
+
+    def _takes_compiled(self, plan: WavePlan) -> bool:
+        """Whether this batch takes the compiled step: by its shape, readings per distinct device."""
+        if self._cell_kind is None or plan.source.size == 0:
+            return False
+        return (self.settings.step_path == "compiled"
+                or plan.source.shape[0] >= COMPILED_MIN_READINGS_PER_DEVICE * plan.last_rows.shape[0])
 
     def swap_model(self, model: Forecaster, version: str) -> None:
         """Serve a new model from the next call on (call between batches); device state is kept."""
@@ -60,6 +79,7 @@ class LiquidOperator:
             raise InputError(msg)
         self.model = model.to(self.device).eval()
         self.model_version = version
+        self._cell_kind = self._compiled_kind()
 
     def set_commissioning(self, device_ids: Sequence[str], counts: Sequence[int] | np.ndarray) -> None:
         """Give each device its own commissioning length, in readings from its first (instead of
@@ -111,7 +131,25 @@ class LiquidOperator:
         rows, _ = self.store.rows_for(device_ids)
         host = self.store.host
         plan = plan_waves(rows, ts_ms, host["last_ts_ms"], host["count"], self.settings)
-        m = plan.source.shape[0]
+        if self._takes_compiled(plan):
+            assert self._cell_kind is not None  # noqa: S101 (checked by _takes_compiled)
+            blocks = self._compiled.run(self.model, self._cell_kind, values, plan.source, plan.dt_s,
+                                        plan.count_before, plan.reset, plan.device_order, plan.last_rows,
+                                        plan.device_starts)
+            out_f, out_b = torch.from_numpy(blocks[0]), torch.from_numpy(blocks[1])
+            self.last_step_path = "compiled"
+        else:
+            out_f, out_b = self._waves(plan, values, ts_ms)
+            self.last_step_path = "tensor"
+        # Device clocks and counters advance on the host, where the policies read them.
+        last = plan.last_rows
+        host["last_ts_ms"][last] = np.maximum(host["last_ts_ms"][last], plan.last_ts_ms)
+        host["count"][last] = plan.count_after
+        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, plan.rows, out_f, out_b)
+
+    def _waves(self, plan: WavePlan, values: np.ndarray, ts_ms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensor path: one :meth:`_wave` per reading rank; returns the output blocks in wave order."""
+        m, c = plan.source.shape[0], self.n_channels
         # Wave-ordered inputs as two channels-first blocks (one host-to-device copy each, pinned on CUDA):
         # float32 [C + 1, M] = values | dt (seconds); int64 [4, M] = store row | event time ms | count before |
         # reset.  Outputs likewise, one row per quantity (see liquidstream.operators.fused_step for why channels first).
@@ -129,11 +167,7 @@ class LiquidOperator:
             reset = ints_t[3, lo:hi] != 0 if plan.reset[lo:hi].any() else None  # known on the host: no sync
             self._wave(ints_t[0, lo:hi], fl_t[:c, lo:hi], ints_t[1, lo:hi], fl_t[c, lo:hi], ints_t[2, lo:hi],
                        reset, out_f[:, lo:hi], out_b[:, lo:hi])
-        # Device clocks and counters advance on the host, where the policies read them.
-        last = plan.last_rows
-        host["last_ts_ms"][last] = np.maximum(host["last_ts_ms"][last], plan.last_ts_ms)
-        host["count"][last] = plan.count_after
-        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, plan.rows, out_f, out_b)
+        return out_f, out_b
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
