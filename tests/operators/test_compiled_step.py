@@ -77,9 +77,8 @@ def test_compiled_step_matches_tensor_waves_across_snapshots(cell: str, options:
     ops: dict[str, LiquidOperator] = {}
     results: dict[str, list[StepResult]] = {"tensor": [], "compiled": []}
     for path in results:
-        op = LiquidOperator(model(cell, **options), OperatorSettings(warmup_events=8, cooldown_events=10, step_path=path,
-                                                                   **settings),
-                            initial_capacity=2)
+        config = OperatorSettings(warmup_events=8, cooldown_events=10, step_path=path, **settings)
+        op = LiquidOperator(model(cell, **options), config, initial_capacity=2)
         for lo, hi in zip(cuts, cuts[1:], strict=False):
             results[path].append(op.process(ids[lo:hi], ts[lo:hi], vals[lo:hi]))
             assert op.last_step_path == path
