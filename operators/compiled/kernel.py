@@ -99,17 +99,29 @@ def _features(v: np.ndarray, t: np.float32, feat: np.ndarray) -> None:
 
 
 @njit(cache=True, error_model="numpy")
-def _head(h: np.ndarray, x_in: np.ndarray, t: np.float32, hh: np.ndarray, hx: np.ndarray, ho: np.ndarray,
-          min_std: np.float32, shift: np.float32, feat: np.ndarray, act: np.ndarray, out: np.ndarray,
-          mu: np.ndarray, sd: np.ndarray, ab: np.ndarray) -> None:
-    """Forecaster.forecast_columns_all for one device: mean, std and the absolute forecast (if ``ho`` has 3C)."""
+def _head_base(h: np.ndarray, x_in: np.ndarray, hh: np.ndarray, hx: np.ndarray, base: np.ndarray) -> None:
+    """The forecast head's first layer without its gap feature: hh^T h + hx[:C]^T x_in + bias.  Both forecasts
+    of a reading's neighbourhood share it: the one at the usual gap after reading i and the one at the real gap
+    before reading i + 1 read the same state and the same normalised reading (only the gap differs)."""
     c = x_in.shape[0]
-    _features(x_in, t, feat)
-    _affine(hh, h, act[:-1], False)
-    _affine(hx, feat, act[:-1], True)
-    for j in range(act.shape[0] - 1):
-        act[j] = act[j] * _sigmoid(act[j])  # SiLU
-    act[-1] = F32(1.0)
+    _affine(hh, h, base, False)
+    _affine(hx[:c], x_in, base, True)
+    for j in range(base.shape[0]):
+        base[j] += hx[c + 1, j]
+
+
+@njit(cache=True, error_model="numpy")
+def _head(base: np.ndarray, x_in: np.ndarray, t: np.float32, hx: np.ndarray, ho: np.ndarray, min_std: np.float32,
+          shift: np.float32, act: np.ndarray, out: np.ndarray, mu: np.ndarray, sd: np.ndarray,
+          ab: np.ndarray) -> None:
+    """Forecaster.forecast_columns_all for one device from :func:`_head_base`: mean, std and the absolute forecast
+    (if ``ho`` has 3C columns) of the reading ``t`` model-time units after ``x_in``."""
+    c, units = x_in.shape[0], base.shape[0]
+    feature = F32(math.log1p(max(t, F32(0.0))))
+    for j in range(units):
+        a = base[j] + hx[c, j] * feature
+        act[j] = a * _sigmoid(a)  # SiLU
+    act[units] = F32(1.0)
     _affine(ho, act, out, False)  # the last row of ho is the bias
     for k in range(c):
         mu[k] = x_in[k] + out[k]
@@ -204,6 +216,7 @@ def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.nd
     oh, oxl, omean, ovar, ocal, ostuck, orep = off[O_H], off[O_X_LAST], off[O_MEAN], off[O_VAR], off[O_CALIB], \
         off[O_STUCK], off[O_REPEATS]
     feat, act, hout = np.empty(c + 2, F32), np.empty(hx.shape[1] + 1, F32), np.empty(ho.shape[1], F32)
+    base = np.empty(hx.shape[1], F32)
     u = c0h.shape[1]
     v1, v2, o = np.empty(u + 1, F32), np.empty(u + 1, F32), np.empty(max(chead.shape[1], n), F32)
     scratch = np.empty((11, c), F32)
@@ -216,6 +229,7 @@ def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.nd
         row = rows[d]
         f, i32, bl, s16 = fb[row], ib[row], bb[row], sb[row]
         h = f[oh:oh + n]
+        have_base = False  # base holds the head's first layer at (h, x_n) of the device's previous reading
         for e in range(starts[d], starts[d + 1]):
             x, dt, cnt, p = xs[e], dts[e], cnts[e], pos[e]
             first = cnt == 0
@@ -224,7 +238,9 @@ def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.nd
                 sc[k] = _scale(f[omean + k], f[ovar + k])
                 last_z[k] = (f[oxl + k] - f[omean + k]) / sc[k]
                 last_in[k] = min(max(last_z[k], -clip), clip)
-            _head(h, last_in, dt / tscale, hh, hx, ho, min_std, shift, feat, act, hout, mu, sd, ab)
+            if not have_base:  # (else last_in is the previous reading's x_n, bit for bit: same values, same ops)
+                _head_base(h, last_in, hh, hx, base)
+            _head(base, last_in, dt / tscale, hx, ho, min_std, shift, act, hout, mu, sd, ab)
             for k in range(c):
                 mu[k] = mu[k] + (last_z[k] - last_in[k])
                 x_z[k] = (x[k] - f[omean + k]) / sc[k]
@@ -323,7 +339,9 @@ def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.nd
                 gap0 + gap_alpha * (gap_dt - gap0)
             f[off[O_GAP]] = gap
             # 6. forecast the next reading at the usual gap, back in raw units
-            _head(h, x_n, gap / tscale, hh, hx, ho, min_std, shift, feat, act, hout, mu2, sd2, ab)
+            _head_base(h, x_n, hh, hx, base)
+            have_base = True
+            _head(base, x_n, gap / tscale, hx, ho, min_std, shift, act, hout, mu2, sd2, ab)
             for k in range(c):
                 out_f[k, p] = f[omean + k] + (mu2[k] + (x_s[k] - x_n[k])) * sc[k]
                 out_f[c + k, p] = sd2[k] * sc[k] * F32(math.sqrt(f[ocal + k]))
