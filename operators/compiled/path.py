@@ -165,3 +165,22 @@ class CompiledStep:
                       blocks[torch.int16].numpy(), self._off, lik, fset, iset,
                       *(w.numpy() for w in weights), out_f, out_b)
         return out_f, out_b
+
+
+def warm_up() -> float:
+    """Compile the kernel (or load it from numba's on-disk cache) now, instead of on the first narrow batch;
+    returns the seconds it took.  The image build calls it (deploy/Dockerfile) so that a fresh worker loads
+    machine code instead of compiling for tens of seconds.
+
+    >>> warm_up() >= 0.0
+    True
+    """
+    import time
+
+    from liquidstream.operators.operator import LiquidOperator
+
+    start = time.perf_counter()
+    op = LiquidOperator(Forecaster(n_channels=1, hidden_size=2, head_units=2, cell_options={"backbone_units": 2}),
+                        OperatorSettings(step_path="compiled"), initial_capacity=1)
+    op.process(["warm-up", "warm-up"], np.array([0, 1000]), np.zeros((2, 1), np.float32))
+    return time.perf_counter() - start
