@@ -59,7 +59,7 @@ def compiled_cell(model: Forecaster) -> int | None:
     modes other than ``default`` or without a backbone layer, a head built otherwise): those stay on the tensor
     path.
 
-    >>> compiled_cell(Forecaster(n_channels=2, hidden_size=4)), compiled_cell(Forecaster(2, 4, cell="ltc"))
+    >>> compiled_cell(Forecaster(n_channels=2, hidden_size=4).eval()), compiled_cell(Forecaster(2, 4, cell="ltc").eval())
     (0, None)
     """
     layers = tuple(model.head)
@@ -177,10 +177,17 @@ def warm_up() -> float:
     """
     import time
 
-    from liquidstream.operators.operator import LiquidOperator
+    from liquidstream.operators.waves import plan_waves
 
     start = time.perf_counter()
-    op = LiquidOperator(Forecaster(n_channels=1, hidden_size=2, head_units=2, cell_options={"backbone_units": 2}),
-                        OperatorSettings(step_path="compiled"), initial_capacity=1)
-    op.process(["warm-up", "warm-up"], np.array([0, 1000]), np.zeros((2, 1), np.float32))
+    model = Forecaster(n_channels=1, hidden_size=2, head_units=2, cell_options={"backbone_units": 2}).eval()
+    settings = OperatorSettings(step_path="compiled")
+    store = DeviceStateStore(2, 1, initial_capacity=1)
+    rows, _ = store.rows_for(["warm-up", "warm-up"])
+    plan = plan_waves(rows, np.array([0, 1000]), store.host["last_ts_ms"], store.host["count"], settings)
+    kind = compiled_cell(model)
+    assert kind is not None  # noqa: S101 (the default model)
+    CompiledStep(settings, AnomalyScorer(settings), store).run(
+        model, kind, np.zeros((2, 1), np.float32), plan.source, plan.dt_s, plan.count_before, plan.reset,
+        plan.device_order, plan.last_rows, plan.device_starts)
     return time.perf_counter() - start
