@@ -59,7 +59,7 @@ def compiled_cell(model: Forecaster) -> int | None:
     modes other than ``default`` or without a backbone layer, a head built otherwise): those stay on the tensor
     path.
 
-    >>> compiled_cell(Forecaster(n_channels=2, hidden_size=4).eval()), compiled_cell(Forecaster(2, 4, cell="ltc").eval())
+    >>> compiled_cell(Forecaster(2, 4).eval()), compiled_cell(Forecaster(2, 4, cell="ltc").eval())
     (0, None)
     """
     layers = tuple(model.head)
