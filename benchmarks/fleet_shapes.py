@@ -150,20 +150,29 @@ def replay(path: Path, out_dir: Path, step_path: str) -> tuple[float, float]:
 
 
 def replays(readings: int, nab: Path | None) -> dict[str, Any]:
+    """``liquidstream replay`` end to end; before (``step_path=tensor``) on the 10,000-device file and on the
+    first 3,000 readings of the one-device file (the tensor path replays one device at a few hundred readings/s)."""
     out: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        files = {}
+        runs = []
         for devices in (1, 10_000):
-            files[f"replay_{devices}"] = Path(tmp) / f"fleet_{devices}.jsonl"
-            write_jsonl(files[f"replay_{devices}"], *make_events(devices, max(1, readings // devices), 8, seed=3))
+            ids, ts, vals = make_events(devices, max(1, readings // devices), 8, seed=3)
+            path = Path(tmp) / f"fleet_{devices}.jsonl"
+            write_jsonl(path, ids, ts, vals)
+            runs.append((f"replay_{devices}", path, "auto"))
+            if devices == 1:
+                path = Path(tmp) / "fleet_1_prefix.jsonl"
+                write_jsonl(path, ids[:3000], ts[:3000], vals[:3000])
+            runs.append((f"before_replay_{devices}", path, "tensor"))
         if nab is not None:
-            files["replay_nab"] = Path(tmp) / "nab.jsonl"
-            out["nab_readings"] = nab_jsonl(nab, files["replay_nab"])
-        for key, path in files.items():
-            rate, wall = replay(path, Path(tmp) / f"out_{key}", "auto")
+            path = Path(tmp) / "nab.jsonl"
+            out["nab_readings"] = nab_jsonl(nab, path)
+            runs.append(("replay_nab", path, "auto"))
+        for key, path, step_path in runs:
+            rate, wall = replay(path, Path(tmp) / f"out_{key}", step_path)
             out[key], out[f"{key}_wall_s"] = round(rate), round(wall, 1)
-            print(f"{key}: {rate:,.0f} readings/s end to end ({wall:.1f} s, {path.stat().st_size / 1e6:.0f} MB in)",
-                  flush=True)
+            print(f"{key}: {rate:,.0f} readings/s end to end ({wall:.1f} s, {path.stat().st_size / 1e6:.0f} MB in, "
+                  f"step_path={step_path})", flush=True)
     return out
 
 
