@@ -89,7 +89,7 @@ class OperatorSettings:
     #: operations per reading rank over all devices (fast when a batch holds many devices); ``compiled`` runs each
     #: device's readings in one compiled loop (numba; fast when a batch holds many readings of few devices);
     #: ``auto`` picks per batch by its readings per device (``COMPILED_MIN_READINGS_PER_DEVICE``).  The compiled
-    #: step runs on the CPU only and for the CfC (default mode) and Liquid cells; elsewhere the tensor path runs.
+    #: step runs on the CPU only, for the CfC (default mode), Liquid and LTC cells; elsewhere the tensor path runs.
     step_path: StepPath = "auto"
 
     def __post_init__(self) -> None:

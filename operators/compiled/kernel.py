@@ -29,15 +29,15 @@ F32 = np.float32
 # fset (float64, cast to float32 once per call): settings and the step's constants.
 (F_STATS_ALPHA, F_MAX_GAP, F_THRESHOLD, F_LOG10_CALM, F_TIME_SCALE, F_MIN_STD, F_CLIP_Z, F_SHORT_ALPHA,
  F_LONG_ALPHA, F_S2_FLOOR, F_S2_CLIP, F_CAL_P, F_CAL_ALPHA, F_CAL_FLOOR, F_LOG10_CAL_P, F_GAP_ALPHA,
- F_CALIB_CLAMP, F_CALIB_MIN, F_DEFAULT_GAP, F_SCORE_HALF, F_STD_SHIFT, F_LOG10_K, F_SIZE) = range(23)
+ F_CALIB_CLAMP, F_CALIB_MIN, F_DEFAULT_GAP, F_SCORE_HALF, F_STD_SHIFT, F_LOG10_K, F_LTC_EPS, F_SIZE) = range(24)
 # iset (int64): settings, switches and the AlertReason codes.
 (I_COMMISSIONING, I_WARMUP, I_STUCK_AFTER, I_EXIT_AFTER, I_MAX_ALERT, I_COOLDOWN, I_STUCK_RULE, I_LEVEL_RULE,
- I_MIN_READINGS, I_CELL, I_LECUN, I_R_LIK, I_R_STUCK, I_R_LEVEL, I_SIZE) = range(15)
+ I_MIN_READINGS, I_CELL, I_LECUN, I_R_LIK, I_R_STUCK, I_R_LEVEL, I_LTC_UNFOLDS, I_SIZE) = range(16)
 # off (int64): column of each field in its dtype's block (float32 / int32 / bool / int16).
 (O_H, O_X_LAST, O_MEAN, O_VAR, O_GAP, O_CALIB, O_PEAK, O_LIK_N, O_COMM, O_AGE, O_COOLDOWN, O_CALM, O_OPEN,
  O_REPEATS, O_REASON, O_STUCK, O_SIZE) = range(17)
 #: Cell kinds (iset[I_CELL]).
-CELL_CFC, CELL_LIQUID = 0, 1
+CELL_CFC, CELL_LIQUID, CELL_LTC = 0, 1, 2
 
 
 @njit(cache=True, error_model="numpy")
@@ -132,12 +132,52 @@ def _head(base: np.ndarray, x_in: np.ndarray, t: np.float32, hx: np.ndarray, ho:
 
 
 @njit(cache=True, error_model="numpy")
+def _synapses(pre: np.ndarray, syn: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
+    """LTC synapses into every neuron: num = sum_pre s w erev, den = sum_pre s w with s = sigmoid(offset + pre
+    sigma); ``syn`` [4, pre, post] = sigma | offset | w erev | w (ltc._synapses)."""
+    num[:] = F32(0.0)
+    den[:] = F32(0.0)
+    for i in range(pre.shape[0]):
+        p = pre[i]
+        for j in range(num.shape[0]):
+            s = _sigmoid(syn[1, i, j] + p * syn[0, i, j])
+            num[j] += s * syn[2, i, j]
+            den[j] += s * syn[3, i, j]
+
+
+@njit(cache=True, error_model="numpy")
+def _ltc(h: np.ndarray, feat: np.ndarray, t: np.float32, lsyn: np.ndarray, lsens: np.ndarray, lvec: np.ndarray,
+         lmap: np.ndarray, unfolds: int, eps: np.float32, o: np.ndarray) -> None:
+    """LTCCell.forward in place on ``h``: ``lvec`` [3, H] = cm | gleak | vleak, ``lmap`` [2, in] the input
+    mapping's scale and shift (1 and 0 where the mapping has none)."""
+    n, n_in = h.shape[0], lsens.shape[1]
+    a0, g0, num, den = o[:n], o[n:2 * n], o[2 * n:3 * n], o[3 * n:4 * n]
+    pre = feat[:n_in].copy()
+    for i in range(n_in):
+        pre[i] = feat[i] * lmap[0, i] + lmap[1, i]
+    _synapses(pre, lsens, num, den)
+    for j in range(n):
+        a0[j] = lvec[1, j] * lvec[2, j] + num[j]
+        g0[j] = lvec[1, j] + den[j]
+    e = max(t, F32(0.0)) / F32(unfolds)
+    for _ in range(unfolds):
+        _synapses(h, lsyn, num, den)  # at the current v, for every neuron, before any moves
+        for j in range(n):
+            g = g0[j] + den[j]
+            h[j] = h[j] + e * (a0[j] + num[j] - g * h[j]) / (lvec[0, j] + e * g + eps)
+
+
+@njit(cache=True, error_model="numpy")
 def _advance(h: np.ndarray, x_n: np.ndarray, t: np.float32, cell: int, lecun: bool, c0h: np.ndarray,
-             c0x: np.ndarray, cmid: np.ndarray, chead: np.ndarray, ctau: np.ndarray, feat: np.ndarray,
-             v1: np.ndarray, v2: np.ndarray, o: np.ndarray) -> None:
-    """The cell step in place on ``h``: CfCCell.serve_columns (default mode) or LiquidCell.forward."""
+             c0x: np.ndarray, cmid: np.ndarray, chead: np.ndarray, ctau: np.ndarray, lsyn: np.ndarray,
+             lsens: np.ndarray, lvec: np.ndarray, lmap: np.ndarray, unfolds: int, eps: np.float32,
+             feat: np.ndarray, v1: np.ndarray, v2: np.ndarray, o: np.ndarray) -> None:
+    """The cell step in place on ``h``: CfCCell.serve_columns (default mode), LiquidCell or LTCCell.forward."""
     n = h.shape[0]
     _features(x_n, t, feat)
+    if cell == CELL_LTC:
+        _ltc(h, feat, t, lsyn, lsens, lvec, lmap, unfolds, eps, o)
+        return
     u = c0h.shape[1]
     if cell == CELL_LIQUID:  # f = tanh(U h + W x + b); h += (f - h) * (1 - exp(-dt / tau))
         _affine(c0h, h, o[:n], False)
@@ -189,7 +229,8 @@ def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.nd
                 cnts: np.ndarray, resets: np.ndarray, fb: np.ndarray, ib: np.ndarray, bb: np.ndarray,
                 sb: np.ndarray, off: np.ndarray, lik: np.ndarray, fset: np.ndarray, iset: np.ndarray,
                 c0h: np.ndarray, c0x: np.ndarray, cmid: np.ndarray, chead: np.ndarray, ctau: np.ndarray,
-                hh: np.ndarray, hx: np.ndarray, ho: np.ndarray, out_f: np.ndarray, out_b: np.ndarray) -> None:
+                lsyn: np.ndarray, lsens: np.ndarray, lvec: np.ndarray, lmap: np.ndarray, hh: np.ndarray,
+                hx: np.ndarray, ho: np.ndarray, out_f: np.ndarray, out_b: np.ndarray) -> None:
     """Every device's run of readings: device ``d`` owns readings ``starts[d]:starts[d + 1]`` (event order) and
     store row ``rows[d]``; reading ``e`` writes column ``pos[e]`` of ``out_f`` float32 [3C + 6, M] and ``out_b``
     int8 [4, M] (layout.OutputRows and the FLAG_* rows).  ``xs`` float32 [M, C] raw values, ``dts`` float32
@@ -198,8 +239,9 @@ def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.nd
     int64 [K, 6]: per likelihood scored (in the tensor path's order) the columns of its s2, m, mu, v, cal and
     its residual (0 delta, 1 absolute, 2 level).  Cell weights are transposed ``[in, out]`` with the bias as the
     last row: ``c0h``/``c0x`` the first layer's h and feature parts, ``cmid`` [L - 1, U + 1, U], ``chead``;
-    ``ctau`` the liquid cell's time constants; ``hh``/``hx``/``ho`` the forecast head's."""
-    c, n, k_lik = xs.shape[1], c0h.shape[0], lik.shape[0]
+    ``ctau`` the liquid cell's time constants; ``lsyn``/``lsens``/``lvec``/``lmap`` the LTC cell's (see
+    :func:`_ltc`); ``hh``/``hx``/``ho`` the forecast head's.  The cells' unused arrays are placeholders."""
+    c, n, k_lik = xs.shape[1], lvec.shape[1], lik.shape[0]
     alpha, max_gap, thr = F32(fset[F_STATS_ALPHA]), F32(fset[F_MAX_GAP]), F32(fset[F_THRESHOLD])
     log10_calm, tscale, min_std = F32(fset[F_LOG10_CALM]), F32(fset[F_TIME_SCALE]), F32(fset[F_MIN_STD])
     clip, short, long_a = F32(fset[F_CLIP_Z]), F32(fset[F_SHORT_ALPHA]), F32(fset[F_LONG_ALPHA])
@@ -217,8 +259,9 @@ def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.nd
         off[O_STUCK], off[O_REPEATS]
     feat, act, hout = np.empty(c + 2, F32), np.empty(hx.shape[1] + 1, F32), np.empty(ho.shape[1], F32)
     base = np.empty(hx.shape[1], F32)
+    unfolds, eps = iset[I_LTC_UNFOLDS], F32(fset[F_LTC_EPS])
     u = c0h.shape[1]
-    v1, v2, o = np.empty(u + 1, F32), np.empty(u + 1, F32), np.empty(max(chead.shape[1], n), F32)
+    v1, v2, o = np.empty(u + 1, F32), np.empty(u + 1, F32), np.empty(max(chead.shape[1], 4 * n), F32)
     scratch = np.empty((11, c), F32)
     sc, last_z, last_in, mu, sd, ab = scratch[0], scratch[1], scratch[2], scratch[3], scratch[4], scratch[5]
     x_z, x_s, x_n, mu2, sd2 = scratch[6], scratch[7], scratch[8], scratch[9], scratch[10]
@@ -333,7 +376,8 @@ def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.nd
                 sc[k] = _scale(f[omean + k], f[ovar + k])
                 x_s[k] = (x[k] - f[omean + k]) / sc[k]
                 x_n[k] = min(max(x_s[k], -clip), clip)
-            _advance(h, x_n, dt / tscale, cell, lecun, c0h, c0x, cmid, chead, ctau, feat, v1, v2, o)
+            _advance(h, x_n, dt / tscale, cell, lecun, c0h, c0x, cmid, chead, ctau, lsyn, lsens, lvec, lmap, unfolds,
+                     eps, feat, v1, v2, o)
             gap0, gap_dt = f[off[O_GAP]], min(dt, max_gap)
             gap = default_gap if first else gap0 if dt <= zero else gap_dt if cnt == 1 else \
                 gap0 + gap_alpha * (gap_dt - gap0)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from liquidstream.operators.cells import CfCCell, LiquidCell
+from liquidstream.operators.cells import CfCCell, LiquidCell, LTCCell
 from liquidstream.operators.cells._common import DerivedWeights
 from liquidstream.operators.compiled import kernel as k
 from liquidstream.operators.config import OperatorSettings
@@ -58,12 +58,13 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 def compiled_cell(model: Forecaster) -> int | None:
-    """The kernel's cell kind for ``model``, or None when the compiled step cannot run it (the LTC cell, CfC
-    modes other than ``default`` or without a backbone layer, a head built otherwise): those stay on the tensor
-    path.
+    """The kernel's cell kind for ``model``, or None when the compiled step cannot run it (CfC modes other than
+    ``default`` or without a backbone layer, a head built otherwise): those stay on the tensor path.
 
     >>> compiled_cell(Forecaster(2, 4).eval()), compiled_cell(Forecaster(2, 4, cell="ltc").eval())
-    (0, None)
+    (0, 2)
+    >>> compiled_cell(Forecaster(2, 4, cell_options={"mode": "pure"}).eval()) is None
+    True
     """
     layers = tuple(model.head)
     if len(layers) != 3 or not (isinstance(layers[0], nn.Linear) and isinstance(layers[1], nn.SiLU)
@@ -74,22 +75,39 @@ def compiled_cell(model: Forecaster) -> int | None:
         return k.CELL_CFC
     if isinstance(cell, LiquidCell):
         return k.CELL_LIQUID
+    if isinstance(cell, LTCCell):
+        return k.CELL_LTC
     return None
 
 
 def _cell_weights(model: Forecaster) -> list[np.ndarray]:
-    """c0h, c0x, cmid, chead, ctau for the kernel (see its docstring)."""
-    cell = model.cell
+    """c0h, c0x, cmid, chead, ctau, lsyn, lsens, lvec, lmap for the kernel (see its docstring); the arrays a cell
+    does not use are small placeholders."""
+    cell, n = model.cell, model.hidden_size
+    c0h, c0x, cmid = np.zeros((n, 1), _F32), np.zeros((1, 1), _F32), np.zeros((0, 2, 1), _F32)
+    chead, ctau = np.zeros((1, 4 * n), _F32), np.ones(n, _F32)
+    lsyn, lsens, lmap = np.zeros((4, 1, n), _F32), np.zeros((4, 1, n), _F32), np.zeros((2, 1), _F32)
+    lvec = np.zeros((3, n), _F32)
     if isinstance(cell, LiquidCell):
-        h = cell.hidden_size
-        c0x = torch.cat([cell.input_map.weight.t(), cell.input_map.bias.unsqueeze(0)])
-        return [_np(cell.recurrent.weight.t()), _np(c0x), np.zeros((0, 1, 1), _F32), np.zeros((1, 4 * h), _F32),
-                _np(cell.tau())]
-    assert isinstance(cell, CfCCell)  # noqa: S101 (compiled_cell chose the kind)
-    w = cell.column_weights()
-    units = w[0].shape[0]
-    mid = np.stack([_np(m.t()) for m in w[2:-1]]) if len(w) > 3 else np.zeros((0, units + 1, units), _F32)
-    return [_np(w[0].t()), _np(w[1].t()), mid, _np(w[-1].t()), np.ones(1, _F32)]
+        c0x = _np(torch.cat([cell.input_map.weight.t(), cell.input_map.bias.unsqueeze(0)]))
+        c0h, ctau = _np(cell.recurrent.weight.t()), _np(cell.tau())
+    elif isinstance(cell, LTCCell):
+        p = cell.effective_parameters()
+        lsyn = np.stack([_np(p["sigma"]), _np(-(p["sigma"] * p["mu"])), _np(p["w"] * p["erev"]), _np(p["w"])])
+        lsens = np.stack([_np(p["sensory_sigma"]), _np(-(p["sensory_sigma"] * p["sensory_mu"])),
+                          _np(p["sensory_w"] * p["sensory_erev"]), _np(p["sensory_w"])])
+        lvec = np.stack([_np(p["cm"]), _np(p["gleak"]), _np(p["vleak"])])
+        ones = torch.ones(cell.input_size)
+        scale = cell.input_w if cell.input_mapping != "none" else ones
+        shift = cell.input_b if cell.input_mapping == "affine" else torch.zeros_like(ones)
+        lmap = np.stack([_np(scale), _np(shift)])
+    else:
+        assert isinstance(cell, CfCCell)  # noqa: S101 (compiled_cell chose the kind)
+        w = cell.column_weights()
+        units = w[0].shape[0]
+        cmid = np.stack([_np(m.t()) for m in w[2:-1]]) if len(w) > 3 else np.zeros((0, units + 1, units), _F32)
+        c0h, c0x, chead = _np(w[0].t()), _np(w[1].t()), _np(w[-1].t())
+    return [c0h, c0x, cmid, chead, ctau, lsyn, lsens, lvec, lmap]
 
 
 def _head_weights(model: Forecaster) -> list[np.ndarray]:
@@ -158,6 +176,8 @@ class CompiledStep:
         fset[k.F_TIME_SCALE], fset[k.F_MIN_STD] = model.time_scale_s, model.min_std
         fset[k.F_LOG10_K] = math.log10(max(lik.shape[0], 1))
         iset[k.I_CELL] = cell_kind
+        if isinstance(model.cell, LTCCell):
+            fset[k.F_LTC_EPS], iset[k.I_LTC_UNFOLDS] = model.cell.epsilon, model.cell.ode_unfolds
         iset[k.I_LECUN] = isinstance(model.cell, CfCCell) and model.cell.backbone_activation == "lecun_tanh"
         out_f = np.empty((OutputRows(c).float_rows, m), _F32)
         out_b = np.empty((FLAG_ROWS, m), np.int8)

@@ -66,7 +66,7 @@ RESET: dict[str, Any] = {"gap_policy": "reset", "commissioning_events": 30, "exi
 RULES: dict[str, Any] = {"gap_policy": "clamp", "model_triggers": False, "level_rule": True,
                          "duplicate_policy": "accept", "late_policy": "accept"}
 CASES = [("cfc", {}, LEVEL), ("cfc", {"backbone_activation": "silu", "backbone_layers": 2}, RESET),
-         ("cfc", {}, RULES), ("liquid", {}, LEVEL)]
+         ("cfc", {}, RULES), ("liquid", {}, LEVEL), ("ltc", {"ode_unfolds": 3, "input_mapping": "linear"}, RESET)]
 
 
 @pytest.mark.parametrize(("cell", "options", "settings"), CASES)
@@ -110,7 +110,8 @@ def test_auto_picks_the_compiled_step_for_narrow_batches_only(monkeypatch: pytes
     assert op.last_step_path == "tensor"
     op.process(["a", "a", "a", "a", "b", "b", "b", "b"], T0 + 10_000 + np.arange(8), x)  # 4 per device
     assert op.last_step_path == "compiled"
-    for settings, m in ((OperatorSettings(step_path="tensor"), model("cfc")), (OperatorSettings(), model("ltc")),
+    for settings, m in ((OperatorSettings(step_path="tensor"), model("cfc")),
+                        (OperatorSettings(), model("cfc", mode="pure")),
                         (OperatorSettings(step_path="compiled"), model("cfc", mode="no_gate"))):
         other = LiquidOperator(m, settings)  # forced tensor; cells the kernel does not run stay on the tensor path
         other.process(["a"] * 8, T0 + 1000 * np.arange(8), x)
