@@ -42,13 +42,24 @@ CELL_CFC, CELL_LIQUID, CELL_LTC = 0, 1, 2
 
 @njit(cache=True, error_model="numpy")
 def _affine(wt: np.ndarray, v: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
-    """out (+)= wt^T v, wt [len(v), len(out)] float32."""
+    """out (+)= wt^T v, wt [len(v), len(out)] float32.  Four weight rows per pass over ``out`` (a quarter of the
+    loads and stores of out); each out[j] still adds its terms one at a time in k order, so the sums round
+    exactly as a plain loop over k would."""
     if not accumulate:
         out[:] = F32(0.0)
-    for k in range(v.shape[0]):
-        vk = v[k]
-        for j in range(out.shape[0]):
-            out[j] += wt[k, j] * vk
+    kk, jj = v.shape[0], out.shape[0]
+    k = 0
+    while k + 4 <= kk:
+        a0, a1, a2, a3 = v[k], v[k + 1], v[k + 2], v[k + 3]
+        w0, w1, w2, w3 = wt[k], wt[k + 1], wt[k + 2], wt[k + 3]
+        for j in range(jj):
+            out[j] = out[j] + w0[j] * a0 + w1[j] * a1 + w2[j] * a2 + w3[j] * a3
+        k += 4
+    while k < kk:
+        a0, w0 = v[k], wt[k]
+        for j in range(jj):
+            out[j] += w0[j] * a0
+        k += 1
 
 
 # Eigen's float32 tanh: x p(x^2) / q(x^2) on [-_TANH_CLAMP, _TANH_CLAMP], x itself below 4e-4.
@@ -296,11 +307,12 @@ def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.nd
             best = zero
             for j in range(k_lik):
                 s2o, mo, muo, vo, calo, kind = lik[j, 0], lik[j, 1], lik[j, 2], lik[j, 3], lik[j, 4], lik[j, 5]
-                a = F32(-np.inf)
+                qmax = F32(-np.inf)
                 for k in range(c):
                     r[j, k] = x_z[k] - (mu[k] if kind == 0 else ab[k] if kind == 1 else zero)
                     q[j, k] = r[j, k] * r[j, k] / f[s2o + k]
-                    a = max(a, F32(math.log1p(q[j, k])))
+                    qmax = max(qmax, q[j, k])
+                a = F32(math.log1p(qmax))  # = max_k log1p(q_k): log1p is monotone
                 m = a if lik_n == 0 else f[mo] + short * (a - f[mo])
                 m_new[j] = m if settled else f[mo]
                 z = (m_new[j] - f[muo]) / F32(math.sqrt(f[vo] + F32(1e-12)))
