@@ -137,15 +137,17 @@ class LiquidOperator:
                                         plan.count_before, plan.reset, plan.device_order, plan.last_rows,
                                         plan.device_starts)
             out_f, out_b = torch.from_numpy(blocks[0]), torch.from_numpy(blocks[1])
+            source, rows = plan.source[plan.device_order], plan.rows[plan.device_order]  # the blocks' column order
             self.last_step_path = "compiled"
         else:
             out_f, out_b = self._waves(plan, values, ts_ms)
+            source, rows = plan.source, plan.rows
             self.last_step_path = "tensor"
         # Device clocks and counters advance on the host, where the policies read them.
         last = plan.last_rows
         host["last_ts_ms"][last] = np.maximum(host["last_ts_ms"][last], plan.last_ts_ms)
         host["count"][last] = plan.count_after
-        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, plan.rows, out_f, out_b)
+        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, source, rows, out_f, out_b)
 
     def _waves(self, plan: WavePlan, values: np.ndarray, ts_ms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The tensor path: one :meth:`_wave` per reading rank; returns the output blocks in wave order."""
@@ -203,8 +205,9 @@ class LiquidOperator:
             k = min(self.settings.top_channels, c)
             z = torch.from_numpy(res_f[source[opened_pos], layout.z].copy())
             top = torch.topk(z, k, dim=1).indices.numpy()
-        # Openings and closings in wave order (a device's readings in event time), so that an alert opened and
-        # closed within one batch gets its own opening time; the opening time lives in the store (its id).
+        # Openings and closings in the blocks' column order (wave order, or device by device from the compiled
+        # step: either way a device's readings in event time), so that an alert opened and closed within one
+        # batch gets its own opening time; the opening time lives in the store (its id).
         opened_at = {int(p): j for j, p in enumerate(opened_pos.tolist())}
         open_ms = self.store.host["alert_open_ms"]
         for p in np.flatnonzero(flags[FLAG_OPENED] | flags[FLAG_CLOSED]).tolist():

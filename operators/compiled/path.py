@@ -168,7 +168,9 @@ class CompiledStep:
             device_starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Apply a planned batch (:class:`~liquidstream.operators.waves.WavePlan` arrays: ``source``, ``dt_s``,
         ``count_before``, ``reset`` in wave order) to the store; returns the output blocks float32 [3C + 6, M]
-        and int8 [4, M] in wave order, as the tensor path's waves write them."""
+        and int8 [4, M] as the tensor path's waves write them, but with the columns device by device
+        (``device_order``): each reading's outputs go to the next column instead of one scattered over the block
+        (about 4 % of the kernel's time at 200 devices, median of six batches, within the shared box's noise)."""
         m, c = source.shape[0], model.n_channels
         weights = self._weights.get(list(model.parameters()), lambda: [
             torch.from_numpy(a) for a in _cell_weights(model) + _head_weights(model)])
@@ -183,7 +185,7 @@ class CompiledStep:
         out_f = np.empty((OutputRows(c).float_rows, m), _F32)
         out_b = np.empty((FLAG_ROWS, m), np.int8)
         blocks = self.store.blocks
-        _run_devices(device_starts, device_rows, device_order, values[source[device_order]],
+        _run_devices(device_starts, device_rows, np.arange(m), values[source[device_order]],
                       dt_s[device_order], count_before[device_order], reset[device_order],
                       blocks[torch.float32].numpy(), blocks[torch.int32].numpy(), blocks[torch.bool].numpy(),
                       blocks[torch.int16].numpy(), self._off, lik, fset, iset,
