@@ -44,9 +44,9 @@ from liquidstream.operators.state.store import DeviceStateStore
 #: device (mean), the tensor waves otherwise.  Measured with ``benchmarks/fleet_shapes.py --crossover`` (one torch
 #: thread, 8 channels, hidden 64, batches of 10,000, the shared 2-core box; docs/performance.md, "Fleet shapes"):
 #: per CPU second the compiled step is 1.1-1.5x the tensor waves at 2-3 readings per device and 1.2-2.6x from 4
-#: up; at one reading per device it is level or slightly ahead (1.02-1.24x in four runs) on one thread, but there
-#: the tensor waves' matrix products can use more torch threads and the compiled loop cannot (not measured on this
-#: box): 1.5 keeps batches of one reading per device on the tensor path.
+#: up; at one reading per device it is level or slightly ahead (1.02, 1.19, 1.24x in three runs) on one thread,
+#: but there the tensor waves' matrix products can use more torch threads and the compiled loop cannot (not
+#: measured on this box): 1.5 keeps batches of one reading per device on the tensor path.
 COMPILED_MIN_READINGS_PER_DEVICE = 1.5
 #: The head's softplus shift: softplus(0.5413) = 1, unit spread at initialisation (Forecaster.forecast_all).
 _STD_SHIFT = 0.5413
