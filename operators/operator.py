@@ -137,17 +137,17 @@ class LiquidOperator:
                                         plan.count_before, plan.reset, plan.device_order, plan.last_rows,
                                         plan.device_starts)
             out_f, out_b = torch.from_numpy(blocks[0]), torch.from_numpy(blocks[1])
-            source, rows = plan.source[plan.device_order], plan.rows[plan.device_order]  # the blocks' column order
+            source, out_rows = plan.source[plan.device_order], plan.rows[plan.device_order]  # the blocks' columns
             self.last_step_path = "compiled"
         else:
             out_f, out_b = self._waves(plan, values, ts_ms)
-            source, rows = plan.source, plan.rows
+            source, out_rows = plan.source, plan.rows
             self.last_step_path = "tensor"
         # Device clocks and counters advance on the host, where the policies read them.
         last = plan.last_rows
         host["last_ts_ms"][last] = np.maximum(host["last_ts_ms"][last], plan.last_ts_ms)
         host["count"][last] = plan.count_after
-        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, source, rows, out_f, out_b)
+        return self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, source, out_rows, out_f, out_b)
 
     def _waves(self, plan: WavePlan, values: np.ndarray, ts_ms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """The tensor path: one :meth:`_wave` per reading rank; returns the output blocks in wave order."""
