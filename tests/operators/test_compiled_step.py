@@ -4,6 +4,10 @@ stored state on irregular streams, across snapshots and restores between batches
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -150,3 +154,15 @@ def test_tanh_approximation_is_within_float32_tolerance() -> None:
     got = np.array([kernel._tanh(v) for v in x], dtype=np.float64)
     ref = np.tanh(x.astype(np.float64))
     assert np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1e-30)) < 5e-7
+
+
+def test_kernel_imports_where_no_cache_folder_is_writable() -> None:
+    """A read-only install (the k8s worker's root filesystem): numba finds no cache folder, and the kernel must still
+    import and compile in memory instead of failing the import."""
+    code = ("import numba.core.caching as c; c.CacheImpl._locator_classes = []\n"
+            "from liquidstream.operators.compiled import kernel\n"
+            "assert kernel._tanh._cache.__class__.__name__ == 'NullCache'\n"
+            "print(float(kernel._tanh(kernel.F32(0.5))))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
+                         env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2])))
+    assert float(out.stdout) == pytest.approx(math.tanh(0.5), rel=1e-6)
