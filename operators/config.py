@@ -14,6 +14,7 @@ from liquidstream.operators.errors import ConfigError
 DuplicatePolicy = Literal["drop", "accept"]
 LatePolicy = Literal["drop", "accept"]
 GapPolicy = Literal["decay", "reset", "clamp"]
+StepPath = Literal["auto", "tensor", "compiled"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,12 @@ class OperatorSettings:
     #: 97% of its gaps) while the stream moved on opens a ``silence`` alert, closed by its next reading
     #: (:mod:`liquidstream.operators.silence`); 0 turns silence alerts off.
     silence_after_gaps: float = 10.0
+    #: How a batch is computed (same results either way, to float32 rounding): ``tensor`` runs one wave of tensor
+    #: operations per reading rank over all devices (fast when a batch holds many devices); ``compiled`` runs each
+    #: device's readings in one compiled loop (numba; fast when a batch holds many readings of few devices);
+    #: ``auto`` picks per batch by its readings per device (``COMPILED_MIN_READINGS_PER_DEVICE``).  The compiled
+    #: step runs on the CPU only, for the CfC (default mode), Liquid and LTC cells; elsewhere the tensor path runs.
+    step_path: StepPath = "auto"
 
     def __post_init__(self) -> None:
         if not self.silence_after_gaps >= 0:
@@ -115,6 +122,9 @@ class OperatorSettings:
             if ivalue < 0:
                 msg = f"{name} must be >= 0, got {ivalue}"
                 raise ConfigError(msg)
+        if self.step_path not in ("auto", "tensor", "compiled"):
+            msg = f"step_path must be one of auto, tensor, compiled, got {self.step_path!r}"
+            raise ConfigError(msg)
         if not (self.model_triggers or self.level_rule):
             msg = "at least one of model_triggers and level_rule must be on (they make the anomaly score)"
             raise ConfigError(msg)

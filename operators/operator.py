@@ -6,7 +6,8 @@ scattering their rows in the :class:`~liquidstream.operators.state.store.DeviceS
 reading from the state *before* it (at the real gap), turn its residuals into a tail probability (the anomaly
 likelihoods of :mod:`liquidstream.operators.scoring`), run the alert state machine, update the running
 statistics (unless inside an alert), fold the reading into the hidden state, and forecast the next reading at
-the device's usual gap.
+the device's usual gap.  A batch of many readings of few devices takes the compiled per-device step instead
+(:mod:`liquidstream.operators.compiled`, same results): ``OperatorSettings.step_path`` says when.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from liquidstream.operators.asof import InstantForecast, forecast_at
+from liquidstream.operators.compiled import COMPILED_MIN_READINGS_PER_DEVICE, CompiledStep, compiled_cell
 from liquidstream.operators.config import OperatorSettings
 from liquidstream.operators.errors import InputError
 from liquidstream.operators.forecaster import Forecaster
@@ -56,6 +58,23 @@ class LiquidOperator:
                                       device=self.device,
                                       extra_fields=LEVEL_FIELDS if settings.level_rule else ())
         self.silence = SilenceWatch(self.store, settings.silence_after_gaps) if settings.silence_after_gaps else None
+        self._compiled = CompiledStep(settings, self.scorer, self.store)
+        self._cell_kind = self._compiled_kind()
+        #: Which path computed the last batch: ``"tensor"`` or ``"compiled"`` (``""`` before the first).
+        self.last_step_path = ""
+
+    def _compiled_kind(self) -> int | None:
+        """The compiled kernel's cell kind for this model, or None where the tensor path must run."""
+        if self.settings.step_path == "tensor" or self.device.type != "cpu":
+            return None
+        return compiled_cell(self.model)
+
+    def _takes_compiled(self, plan: WavePlan) -> bool:
+        """Whether this batch takes the compiled step: by its shape, readings per distinct device."""
+        if self._cell_kind is None or plan.source.size == 0:
+            return False
+        return (self.settings.step_path == "compiled"
+                or plan.source.shape[0] >= COMPILED_MIN_READINGS_PER_DEVICE * plan.last_rows.shape[0])
 
     def swap_model(self, model: Forecaster, version: str) -> None:
         """Serve a new model from the next call on (call between batches); device state is kept."""
@@ -64,6 +83,7 @@ class LiquidOperator:
             raise InputError(msg)
         self.model = model.to(self.device).eval()
         self.model_version = version
+        self._cell_kind = self._compiled_kind()
 
     def set_commissioning(self, device_ids: Sequence[str], counts: Sequence[int] | np.ndarray) -> None:
         """Give each device its own commissioning length, in readings from its first (instead of
@@ -190,7 +210,29 @@ class LiquidOperator:
         rows, _ = self.store.rows_for(device_ids)
         host = self.store.host
         plan = plan_waves(rows, ts_ms, host["last_ts_ms"], host["count"], self.settings)
-        m = plan.source.shape[0]
+        if self._takes_compiled(plan):
+            assert self._cell_kind is not None  # noqa: S101 (checked by _takes_compiled)
+            blocks = self._compiled.run(self.model, self._cell_kind, values, plan.source, plan.dt_s,
+                                        plan.count_before, plan.reset, plan.device_order, plan.last_rows,
+                                        plan.device_starts)
+            out_f, out_b = torch.from_numpy(blocks[0]), torch.from_numpy(blocks[1])
+            source, out_rows = plan.source[plan.device_order], plan.rows[plan.device_order]  # the blocks' columns
+            self.last_step_path = "compiled"
+        else:
+            out_f, out_b = self._waves(plan, values, ts_ms)
+            source, out_rows = plan.source, plan.rows
+            self.last_step_path = "tensor"
+        silences = self._silences_ended(plan, ts_ms)  # reads the clocks before this batch
+        # Device clocks and counters advance on the host, where the policies read them.
+        last = plan.last_rows
+        host["last_ts_ms"][last] = np.maximum(host["last_ts_ms"][last], plan.last_ts_ms)
+        host["count"][last] = plan.count_after
+        result = self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, source, out_rows, out_f, out_b)
+        return with_silences(result, silences, device_ids, self.settings.silence_after_gaps)
+
+    def _waves(self, plan: WavePlan, values: np.ndarray, ts_ms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensor path: one :meth:`_wave` per reading rank; returns the output blocks in wave order."""
+        m, c = plan.source.shape[0], self.n_channels
         # Wave-ordered inputs as two channels-first blocks (one host-to-device copy each, pinned on CUDA):
         # float32 [C + 1, M] = values | dt (seconds); int64 [4, M] = store row | event time ms | count before |
         # reset.  Outputs likewise, one row per quantity (see liquidstream.operators.fused_step for why channels first).
@@ -208,21 +250,7 @@ class LiquidOperator:
             reset = ints_t[3, lo:hi] != 0 if plan.reset[lo:hi].any() else None  # known on the host: no sync
             self._wave(ints_t[0, lo:hi], fl_t[:c, lo:hi], ints_t[1, lo:hi], fl_t[c, lo:hi], ints_t[2, lo:hi],
                        reset, out_f[:, lo:hi], out_b[:, lo:hi])
-        silences = self._silences_ended(plan, ts_ms)  # reads the clocks before this batch
-        # Device clocks and counters advance on the host, where the policies read them.
-        last = plan.last_rows
-        host["last_ts_ms"][last] = np.maximum(host["last_ts_ms"][last], plan.last_ts_ms)
-        host["count"][last] = plan.count_after
-        result = self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, plan.source, plan.rows, out_f, out_b)
-        if not silences:
-            return result
-        after = self.settings.silence_after_gaps
-        opened = [silence_alert(device_ids[s.index], s, s.end_ms, after, s.index) for s in silences if not s.noticed]
-        ended = [AlertClosed(device_ids[s.index], s.start_ms, s.end_ms, s.gaps(s.end_ms), after,
-                             silence_severity(s.gaps(s.end_ms), after), AlertReason.SILENCE, 1, False, s.index,
-                             "resumed") for s in silences]
-        return dataclasses.replace(result, alerts=sorted([*result.alerts, *opened], key=lambda a: a.index),
-                                   closed=sorted([*result.closed, *ended], key=lambda a: a.index))
+        return out_f, out_b
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(arr)
@@ -258,8 +286,9 @@ class LiquidOperator:
             k = min(self.settings.top_channels, c)
             z = torch.from_numpy(res_f[source[opened_pos], layout.z].copy())
             top = torch.topk(z, k, dim=1).indices.numpy()
-        # Openings and closings in wave order (a device's readings in event time), so that an alert opened and
-        # closed within one batch gets its own opening time; the opening time lives in the store (its id).
+        # Openings and closings in the blocks' column order (wave order, or device by device from the compiled
+        # step: either way a device's readings in event time), so that an alert opened and closed within one
+        # batch gets its own opening time; the opening time lives in the store (its id).
         opened_at = {int(p): j for j, p in enumerate(opened_pos.tolist())}
         open_ms = self.store.host["alert_open_ms"]
         for p in np.flatnonzero(flags[FLAG_OPENED] | flags[FLAG_CLOSED]).tolist():
@@ -284,6 +313,19 @@ class LiquidOperator:
                           horizon_s=res_f[:, layout.horizon].copy(),
                           score=res_score, threshold=res_thr, is_alert=in_alert, ts_ms=ts_ms,
                           anomaly_score=res_f[:, layout.anomaly_score].copy(), alerts=alerts, closed=closed)
+
+
+def with_silences(result: StepResult, silences: list[Silence], device_ids: Sequence[str], after: float) -> StepResult:
+    """``result`` with the silences its readings ended: a closed record each (``resumed``), preceded by its opened
+    record on the same reading when no check had noticed it."""
+    if not silences:
+        return result
+    opened = [silence_alert(device_ids[s.index], s, s.end_ms, after, s.index) for s in silences if not s.noticed]
+    ended = [AlertClosed(device_ids[s.index], s.start_ms, s.end_ms, s.gaps(s.end_ms), after,
+                         silence_severity(s.gaps(s.end_ms), after), AlertReason.SILENCE, 1, False, s.index, "resumed")
+             for s in silences]
+    return dataclasses.replace(result, alerts=sorted([*result.alerts, *opened], key=lambda a: a.index),
+                               closed=sorted([*result.closed, *ended], key=lambda a: a.index))
 
 
 def silence_severity(gaps: float, after: float) -> str:

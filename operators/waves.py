@@ -34,6 +34,10 @@ class WavePlan:
     last_rows: np.ndarray  # int64 [D]: store row
     last_ts_ms: np.ndarray  # int64 [D]: latest applied event time, epoch ms
     count_after: np.ndarray  # int64 [D]: readings applied once the batch is done
+    # The same events device by device (the compiled step's order): device d (row last_rows[d]) owns the wave-order
+    # positions device_order[device_starts[d]:device_starts[d + 1]], in event order.
+    device_order: np.ndarray  # int64 [M]
+    device_starts: np.ndarray  # int64 [D + 1]
 
     @property
     def n_waves(self) -> int:
@@ -70,12 +74,15 @@ def plan_waves(rows: np.ndarray, ts_ms: np.ndarray, last_ts_ms: np.ndarray, coun
     ['ok', 'first', 'first', 'duplicate_dropped']
     >>> plan.source.tolist(), plan.dt_s.tolist(), plan.bounds.tolist()
     ([2, 1, 0], [0.0, 0.0, 1.0], [0, 2, 3])
+    >>> plan.device_order.tolist(), plan.device_starts.tolist()  # device 0: waves 0 and 1; device 1: wave 0
+    ([0, 2, 1], [0, 2, 3])
     """
     n = rows.shape[0]
     if n == 0:
         empty = np.zeros(0, np.int64)
         return WavePlan(np.zeros(0, np.int8), np.zeros(0, bool), empty, empty, np.zeros(0, np.float32),
-                        np.zeros(0, bool), empty, np.zeros(1, np.int64), empty, empty, empty)
+                        np.zeros(0, bool), empty, np.zeros(1, np.int64), empty, empty, empty, empty,
+                        np.zeros(1, np.int64))
     order = _by_row_then_time(rows, ts_ms)
     r, t = rows[order], ts_ms[order]
     first_in_group = np.ones(n, dtype=bool)
@@ -122,8 +129,12 @@ def plan_waves(rows: np.ndarray, ts_ms: np.ndarray, last_ts_ms: np.ndarray, coun
     gap_in[order] = long_gap & applied
     ends = np.ones(acc.shape[0], dtype=bool)  # each device's last applied event: the latest, being sorted
     ends[:-1] = starts[1:]
+    device_order = np.empty(acc.shape[0], np.int64)  # wave position of each applied event, in (row, time) order
+    device_order[wave_order] = np.arange(acc.shape[0])
+    device_starts = np.append(np.flatnonzero(starts), acc.shape[0]).astype(np.int64)
     return WavePlan(status=status_in, long_gap=gap_in, source=order[sel], rows=r[sel],
                     dt_s=dt_s[sel].astype(np.float32), reset=reset[sel],
                     count_before=count[r[sel]].astype(np.int64) + ranks, bounds=bounds.astype(np.int64),
                     last_rows=ra[ends], last_ts_ms=t[acc[ends]],
-                    count_after=count[ra[ends]].astype(np.int64) + rank[ends] + 1)
+                    count_after=count[ra[ends]].astype(np.int64) + rank[ends] + 1,
+                    device_order=device_order, device_starts=device_starts)

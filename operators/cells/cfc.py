@@ -181,7 +181,7 @@ class CfCCell(ContinuousCell):
         :meth:`forward` (float32 rounding aside).
         """
         lecun = self.backbone_activation == "lecun_tanh"
-        weights = self._column_weights.get(list(self.parameters()), self._build_column_weights)
+        weights = self.column_weights()
         batch = h.shape[0]
         v = x
         for k, w in enumerate(weights[1:-1]):  # [units, width + 1] per layer, bias last (first: x part only)
@@ -204,6 +204,12 @@ class CfCCell(ContinuousCell):
         gate = o[3 * n :].addcmul_(o[2 * n : 3 * n], dt.clamp(min=0.0).unsqueeze(0)).sigmoid_()
         # Contiguous, then one transposed copy: lerp writing straight into the strided rows is 2x slower.
         return out.copy_(torch.lerp(ff[:n], ff[n:], gate).t())
+
+    def column_weights(self) -> list[torch.Tensor]:
+        """The weights :meth:`serve_columns` multiplies by (cached; rebuilt when a parameter changes): the first
+        layer's ``h`` part, then per layer ``[W | b]`` (the first layer's ``x`` part), then the heads' ``[W | b]``,
+        LeCun tanh's scales folded in.  The compiled step (:mod:`liquidstream.operators.compiled`) reads them too."""
+        return self._column_weights.get(list(self.parameters()), self._build_column_weights)
 
     def _build_column_weights(self) -> list[torch.Tensor]:
         """:meth:`serve_columns`' weights: the first layer's ``h`` part, then per layer ``[W | b]`` (the first

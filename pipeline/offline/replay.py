@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import torch
 
 from liquidstream.operators import Forecaster, LiquidOperator
@@ -138,16 +139,18 @@ def run_replay(settings: Settings, input_path: Path, out_dir: Path, cfg: ReplayC
     n_pred = n_alerts = n_closed = 0
     stream_ms = int(np.iinfo(np.int64).min)
     step = settings.batch_max_messages
-    with (out_dir / "predictions.jsonl").open("w") as pf, (out_dir / "alerts.jsonl").open("w") as af, \
+    with (out_dir / "predictions.jsonl").open("wb") as pf, (out_dir / "alerts.jsonl").open("w") as af, \
             Progress("replay", unit="ev", enabled=show) as bar:
         for lo in range(0, len(batch), step):
             hi = min(lo + step, len(batch))
             ids = batch.device_ids[lo:hi]
             res = op.process(ids, batch.ts_ms[lo:hi], batch.values[lo:hi])
+            encoded: list[bytes] = []
             for i, rec in prediction_records(ids, res, version):
                 rec["source"] = src(int(batch.index[lo + i]) + 1)
-                pf.write(json.dumps(rec) + "\n")
-                n_pred += 1
+                encoded.append(orjson.dumps(rec))  # (prediction_records holds no NaN: a missing score is None)
+            pf.write(b"\n".join(encoded) + b"\n" if encoded else b"")
+            n_pred += len(encoded)
             for i, rec in alert_records(res, version, channel_names=batch.channels[lo:hi]):
                 rec["source"] = src(int(batch.index[lo + i]) + 1)
                 af.write(json.dumps(rec) + "\n")

@@ -8,7 +8,10 @@ import pytest
 
 from liquidstream.operators import LiquidOperator
 from liquidstream.operators.result import AlertClosed, StepResult
+from tests.operators.conftest import BOTH_PATHS
 from tests.operators.test_scoring import HIST, T0, make_op, signal
+
+pytestmark = BOTH_PATHS
 
 
 def incident(n: int = HIST + 120) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""LiquidOperator end to end: batching invariance, snapshot continuity, input validation, dt, devices."""
+"""LiquidOperator end to end: batching invariance, snapshot continuity, input validation, dt, devices (each on both
+step paths, the tensor waves and the compiled per-device step)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ import torch
 from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings, StepResult
 from liquidstream.operators.errors import InputError
 from liquidstream.operators.result import EventStatus
+from tests.operators.conftest import BOTH_PATHS
+
+pytestmark = BOTH_PATHS  # every test here is a contract of the operator, whichever step path computes a batch
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]

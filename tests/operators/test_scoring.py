@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from liquidstream.operators import AnomalyScorer, Forecaster, LiquidOperator, OperatorSettings
 from liquidstream.operators.errors import ConfigError, InputError
 from liquidstream.operators.scoring import MIN_READINGS, AlertState, Likelihood, learn, surprise
+from tests.operators.conftest import BOTH_PATHS
 
 T0 = 1_700_000_000_000
 C = 4
@@ -228,6 +229,7 @@ def store_row(op: LiquidOperator, dev: str) -> dict[str, np.ndarray]:
     return {k: v[r].cpu().numpy().copy() for k, v in op.store.tensors.items()}
 
 
+@BOTH_PATHS
 def test_spike_after_warmup_gives_one_alert_naming_channel() -> None:
     n = HIST + 40
     series = {f"d{ch}": signal(n, seed=ch) for ch in range(C)}
@@ -251,6 +253,7 @@ def test_spike_after_warmup_gives_one_alert_naming_channel() -> None:
     assert out["calm"]["alerts"] == [] and not out["calm"]["is_alert"].any()
 
 
+@BOTH_PATHS
 def test_anomaly_score_in_unit_interval_nan_on_first_readings() -> None:
     v = signal(HIST + 20, seed=1)
     v[HIST, 0] += 50.0
@@ -263,6 +266,7 @@ def test_anomaly_score_in_unit_interval_nan_on_first_readings() -> None:
     assert out["a"]["anomaly_score"][HIST] > 0.3 > np.nanmax(out["b"]["anomaly_score"])
 
 
+@BOTH_PATHS
 def test_level_shift_opens_exactly_one_alert() -> None:
     v = signal(HIST + 100, seed=5)
     v[HIST:HIST + 40, 2] += 5.0  # a collective anomaly: channel 2 sits 5 amplitudes higher for 40 readings
@@ -273,6 +277,7 @@ def test_level_shift_opens_exactly_one_alert() -> None:
     assert out["is_alert"][i:HIST + 40].all(), "the absolute forecast keeps the alert open while it lasts"
 
 
+@BOTH_PATHS
 def test_commissioning_readings_never_alert_and_set_commissioning_is_per_device() -> None:
     v = signal(HIST + 60, seed=3)
     v[HIST, 1] += 20.0
@@ -290,6 +295,7 @@ def test_commissioning_readings_never_alert_and_set_commissioning_is_per_device(
         op.set_commissioning(["a"], [-1])
 
 
+@BOTH_PATHS
 def test_alert_probability_is_monotone() -> None:
     series = {}
     for k, size in enumerate([3.0, 4.0, 6.0, 8.0, 12.0, 20.0]):
@@ -303,6 +309,7 @@ def test_alert_probability_is_monotone() -> None:
     assert counts == sorted(counts) and counts[0] < counts[-1], counts
 
 
+@BOTH_PATHS
 def test_statistics_frozen_while_alert_open() -> None:
     n_in = 12
     v = signal(HIST + n_in, seed=4)
@@ -327,6 +334,7 @@ def test_statistics_frozen_while_alert_open() -> None:
     assert (after["mean"] - before["mean"]).min() > 0.01, "control: the shift must move the statistics"
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("model_triggers", [True, False])
 def test_stuck_sensor_alert(model_triggers: bool) -> None:
     s = OperatorSettings().stuck_after
@@ -348,6 +356,7 @@ def test_stuck_sensor_alert(model_triggers: bool) -> None:
     assert run_devices(make_op(exit_after=2, stuck_rule=False), {"stuck": v})["stuck"]["alerts"] == []
 
 
+@BOTH_PATHS
 def test_stuck_rule_learns_legitimate_repeats_during_commissioning() -> None:
     """A channel that repeated values during commissioning (a quantised counter) repeats legitimately: the stuck
     rule leaves it alone afterwards, while the same repeat on a device whose commissioning never repeated (or
@@ -366,6 +375,7 @@ def test_stuck_rule_learns_legitimate_repeats_during_commissioning() -> None:
     assert row["repeats"].tolist() == [False, False, False, True]
 
 
+@BOTH_PATHS
 def test_rules_only_level_likelihood_scores_and_alerts() -> None:
     v = np.random.default_rng(7).standard_normal((HIST + 40, C)).astype(np.float32)
     v[HIST:HIST + 20, 0] += 6.0  # six standard deviations off the device's normal level
@@ -376,6 +386,7 @@ def test_rules_only_level_likelihood_scores_and_alerts() -> None:
     assert np.isfinite(out["anomaly_score"][1:]).all() and out["anomaly_score"][i] > 0.25
 
 
+@BOTH_PATHS
 def test_max_alert_events_through_operator() -> None:
     v = signal(HIST + 40, seed=7)
     v[HIST:, 0] = 0.0  # stuck for good: the alert opens at HIST + stuck_after
@@ -388,6 +399,7 @@ def test_max_alert_events_through_operator() -> None:
 
 
 # ------------------------------------------------------------------ commissioning freezes the spread
+@BOTH_PATHS
 def test_commissioning_freezes_the_spread() -> None:
     rng = np.random.default_rng(3)
     v = rng.standard_normal((300, C)).astype(np.float32)

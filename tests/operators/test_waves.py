@@ -20,6 +20,7 @@ from liquidstream.operators import Forecaster, LiquidOperator, OperatorSettings
 from liquidstream.operators.normalization import normalise
 from liquidstream.operators.result import EventStatus as S
 from liquidstream.operators.waves import plan_waves
+from tests.operators.conftest import BOTH_PATHS
 
 T0 = 1_700_000_000_000  # epoch ms
 C = 2
@@ -179,6 +180,7 @@ def state(op: LiquidOperator, dev: str = "d") -> dict[str, np.ndarray]:
         k: np.array(v[r]) for k, v in op.store.host.items()}
 
 
+@BOTH_PATHS
 def test_first_event_status_and_outputs() -> None:
     op = make_op()
     res = op.process(["a", "b"], np.array([T0, T0]), np.array([[1, 2], [3, 4]], np.float32))
@@ -189,6 +191,7 @@ def test_first_event_status_and_outputs() -> None:
     assert res2.status.tolist() == [S.OK] and np.isfinite(res2.score).all()
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("policy", ["drop", "accept"])
 def test_duplicate_policy(policy: str) -> None:
     op = make_op(duplicate_policy=policy)
@@ -210,6 +213,7 @@ def test_duplicate_policy(policy: str) -> None:
         assert np.array_equal(after["h"], before["h"])
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("policy", ["drop", "accept"])
 def test_late_policy_clock_never_moves_back(policy: str) -> None:
     op = make_op(late_policy=policy)
@@ -237,6 +241,7 @@ def test_late_policy_clock_never_moves_back(policy: str) -> None:
     np.testing.assert_allclose(s2["h"], want[0].detach().numpy(), rtol=1e-5, atol=1e-6)
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("policy", ["decay", "reset", "clamp"])
 @pytest.mark.parametrize("cell", ["liquid", "cfc"])
 def test_long_gap_policies_on_hidden_state(policy: str, cell: str) -> None:
@@ -262,6 +267,7 @@ def test_long_gap_policies_on_hidden_state(policy: str, cell: str) -> None:
     assert int(s["last_ts_ms"]) == last + int(gap_s * 1000)
 
 
+@BOTH_PATHS
 def test_clamp_equals_decay_over_max_gap() -> None:
     """gap_policy="clamp" after a long gap leaves the device exactly where a gap of max_gap_s would."""
     max_gap = 20.0
@@ -281,6 +287,7 @@ def test_clamp_equals_decay_over_max_gap() -> None:
             np.testing.assert_allclose(sc[k], sd[k], rtol=1e-6, err_msg=k)
 
 
+@BOTH_PATHS
 def test_out_of_order_batch_equals_in_order_stream() -> None:
     """A shuffled batch gives, row for row, what the events give one at a time in event-time order."""
     rng = np.random.default_rng(5)
@@ -306,6 +313,7 @@ def test_out_of_order_batch_equals_in_order_stream() -> None:
         np.testing.assert_allclose(shuffled.score[j], sc, rtol=1e-5, atol=1e-5, equal_nan=True)
 
 
+@BOTH_PATHS
 @pytest.mark.parametrize("scale", [1, 70_000])
 def test_row_time_order_matches_lexsort(scale: int) -> None:
     """The radix fast path (rows beyond 16 bits included) and its fallback give the lexsort's order."""
