@@ -20,9 +20,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numba
 import numpy as np
 
+from liquidstream.operators.compiled.kernel import cached_jit
 from liquidstream.operators.state.store import DeviceStateStore
 
 __all__ = ["MEMORY", "MIN_GAPS", "RELEARN", "Silence", "SilenceWatch"]
@@ -99,7 +99,7 @@ class SilenceWatch:
         return out
 
 
-@numba.njit(cache=True)
+@cached_jit
 def _observe_run(rows: np.ndarray, ts: np.ndarray, dt: np.ndarray, prev: np.ndarray, gap_n: np.ndarray,
                  gap_m: np.ndarray, gap_v: np.ndarray, quiet: np.ndarray, silence_ms: np.ndarray,
                  after: float) -> list[tuple[int, int, float, bool]]:  # pragma: no cover - compiled

@@ -31,7 +31,7 @@ F32 = np.float32
 _Fn = TypeVar("_Fn", bound=Callable[..., Any])
 
 
-def _jit(fn: _Fn) -> _Fn:
+def cached_jit(fn: _Fn) -> _Fn:
     """numba's ``njit`` with its on-disk cache, or without it where no cache folder is writable (a read-only
     install: numba refuses ``cache=True`` at decoration then, and the kernel compiles in memory on first use)."""
     try:
@@ -52,7 +52,7 @@ def _jit(fn: _Fn) -> _Fn:
 CELL_CFC, CELL_LIQUID, CELL_LTC = 0, 1, 2
 
 
-@_jit
+@cached_jit
 def _affine(wt: np.ndarray, v: np.ndarray, out: np.ndarray, accumulate: bool) -> None:
     """out (+)= wt^T v, wt [len(v), len(out)] float32.  Four weight rows per pass over ``out`` (a quarter of the
     loads and stores of out); each out[j] still adds its terms one at a time in k order, so the sums round
@@ -81,7 +81,7 @@ _TB = (F32(1.19825839466702e-06), F32(1.18534705686654e-04), F32(2.2684346324390
 _TANH_CLAMP = F32(7.90531110763549805)
 
 
-@_jit
+@cached_jit
 def _tanh(v: np.float32) -> np.float32:
     x = min(max(v, -_TANH_CLAMP), _TANH_CLAMP)
     x2 = x * x
@@ -97,12 +97,12 @@ def _tanh(v: np.float32) -> np.float32:
     return v if abs(v) < F32(0.0004) else x * p / q
 
 
-@_jit
+@cached_jit
 def _sigmoid(v: np.float32) -> np.float32:
     return F32(0.5) + F32(0.5) * _tanh(F32(0.5) * v)
 
 
-@_jit
+@cached_jit
 def _log_ndtr(x: float) -> float:
     """log of the standard normal CDF at x (float64): erfc down to -30, the asymptotic series below."""
     if x > -30.0:
@@ -112,7 +112,7 @@ def _log_ndtr(x: float) -> float:
     return -0.5 * x * x - math.log(-x) - 0.5 * math.log(2.0 * math.pi) + math.log(series)
 
 
-@_jit
+@cached_jit
 def _features(v: np.ndarray, t: np.float32, feat: np.ndarray) -> None:
     """feat = [v; log1p(max(t, 0)); 1] (the model's input features with the bias row)."""
     c = v.shape[0]
@@ -121,7 +121,7 @@ def _features(v: np.ndarray, t: np.float32, feat: np.ndarray) -> None:
     feat[c + 1] = F32(1.0)
 
 
-@_jit
+@cached_jit
 def _head_base(h: np.ndarray, x_in: np.ndarray, hh: np.ndarray, hx: np.ndarray, base: np.ndarray) -> None:
     """The forecast head's first layer without its gap feature: hh^T h + hx[:C]^T x_in + bias.  Both forecasts
     of a reading's neighbourhood share it: the one at the usual gap after reading i and the one at the real gap
@@ -133,7 +133,7 @@ def _head_base(h: np.ndarray, x_in: np.ndarray, hh: np.ndarray, hx: np.ndarray, 
         base[j] += hx[c + 1, j]
 
 
-@_jit
+@cached_jit
 def _head(base: np.ndarray, x_in: np.ndarray, t: np.float32, hx: np.ndarray, ho: np.ndarray, min_std: np.float32,
           shift: np.float32, act: np.ndarray, out: np.ndarray, mu: np.ndarray, sd: np.ndarray,
           ab: np.ndarray) -> None:
@@ -154,7 +154,7 @@ def _head(base: np.ndarray, x_in: np.ndarray, t: np.float32, hx: np.ndarray, ho:
             ab[k] = out[2 * c + k]
 
 
-@_jit
+@cached_jit
 def _synapses(pre: np.ndarray, syn: np.ndarray, num: np.ndarray, den: np.ndarray) -> None:
     """LTC synapses into every neuron: num = sum_pre s w erev, den = sum_pre s w with s = sigmoid(offset + pre
     sigma); ``syn`` [4, pre, post] = sigma | offset | w erev | w (ltc._synapses)."""
@@ -168,7 +168,7 @@ def _synapses(pre: np.ndarray, syn: np.ndarray, num: np.ndarray, den: np.ndarray
             den[j] += s * syn[3, i, j]
 
 
-@_jit
+@cached_jit
 def _ltc(h: np.ndarray, feat: np.ndarray, t: np.float32, lsyn: np.ndarray, lsens: np.ndarray, lvec: np.ndarray,
          lmap: np.ndarray, unfolds: int, eps: np.float32, o: np.ndarray) -> None:
     """LTCCell.forward in place on ``h``: ``lvec`` [3, H] = cm | gleak | vleak, ``lmap`` [2, in] the input
@@ -190,7 +190,7 @@ def _ltc(h: np.ndarray, feat: np.ndarray, t: np.float32, lsyn: np.ndarray, lsens
             h[j] = h[j] + e * (a0[j] + num[j] - g * h[j]) / (lvec[0, j] + e * g + eps)
 
 
-@_jit
+@cached_jit
 def _advance(h: np.ndarray, x_n: np.ndarray, t: np.float32, cell: int, lecun: bool, c0h: np.ndarray,
              c0x: np.ndarray, cmid: np.ndarray, chead: np.ndarray, ctau: np.ndarray, lsyn: np.ndarray,
              lsens: np.ndarray, lvec: np.ndarray, lmap: np.ndarray, unfolds: int, eps: np.float32,
@@ -228,7 +228,7 @@ def _advance(h: np.ndarray, x_n: np.ndarray, t: np.float32, cell: int, lecun: bo
         h[j] = ff1 + gate * (ff2 - ff1) if gate < F32(0.5) else ff2 - (ff2 - ff1) * (F32(1.0) - gate)  # torch.lerp
 
 
-@_jit
+@cached_jit
 def _activate(v: np.ndarray, u: int, lecun: bool) -> None:
     """The backbone's activation on v[:u] (LeCun's scales are folded into the weights), and the bias row v[u] = 1."""
     if lecun:
@@ -240,14 +240,14 @@ def _activate(v: np.ndarray, u: int, lecun: bool) -> None:
     v[u] = F32(1.0)
 
 
-@_jit
+@cached_jit
 def _scale(mean: np.float32, var: np.float32) -> np.float32:
     """normalization.scale: sqrt(var + (1e-3 (|mean| + 1))^2)."""
     floor = F32(1e-3) * (abs(mean) + F32(1.0))
     return F32(math.sqrt(var + floor * floor))
 
 
-@_jit
+@cached_jit
 def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.ndarray, dts: np.ndarray,
                 cnts: np.ndarray, resets: np.ndarray, fb: np.ndarray, ib: np.ndarray, bb: np.ndarray,
                 sb: np.ndarray, off: np.ndarray, lik: np.ndarray, fset: np.ndarray, iset: np.ndarray,
