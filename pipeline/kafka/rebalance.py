@@ -47,6 +47,7 @@ class Rebalancing:
     _restoring: set[TopicPart]
     _replayed: dict[TopicPart, int]
     assembly: StreamAssembly | None
+    _seen: dict[TopicPart, float]  # the silence timer's clock per partition: set by batches only
     _joined: bool
     _last_activity: float
 
@@ -60,6 +61,8 @@ class Rebalancing:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         tps = {(tp.topic, tp.partition) for tp in partitions}
+        for tp in tps:  # the silence timer waits for a batch of the new assignment: no wall time before it counts
+            self._seen.pop(tp, None)
         self._restoring.update(tps)
         self.ops.assigning(tps)
         if tps:
@@ -111,6 +114,7 @@ class Rebalancing:
         self._assigned.difference_update(gone)
         self.committer.forget(gone)
         self._replayed = {tp: o for tp, o in self._replayed.items() if tp not in gone}
+        self._seen = {tp: t for tp, t in self._seen.items() if tp not in gone}
         dropped = self.operator.store.drop(self.registry.release(gone))
         if self.assembly is not None:
             self.assembly.drop(gone)

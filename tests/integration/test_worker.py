@@ -109,6 +109,8 @@ def test_worker_processes_every_message_exactly_once(kafka_bootstrap: str, topic
     assert {r.fault for r in dlq} >= set(MALFORMED_KINDS)
 
     for a in records:  # an alert opens and closes on valid readings of its own device
+        if a["reason"] == "silence":  # it starts between readings (the reading that ends it is its source)
+            continue
         src = inputs[(a["source"]["partition"], a["source"]["offset"])].json()
         assert (a["device_id"], a["ts"], a["key"]) == (src["device_id"], src["ts"], src["device_id"].encode())
     truth = [json.loads(line) for line in (tmp_path / "truth.jsonl").read_text().splitlines()]
