@@ -108,6 +108,7 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     # 1. forecast this reading from the state before it, at the real gap (delta and absolute forecasts)
     mu, sd, ab, sc = forecast_reading(model, w.h, x_last, mean, var, dt)  # shared with forecast_at (asof.py)
     x_z = (x - mean) / sc  # unclipped: the likelihoods must see how far out a reading is
+    rows = OutputRows(c)
     comm = f("commissioning")
     n_comm = torch.where(comm >= 0, comm, s.commissioning_events)  # this device's commissioning, readings
     in_comm = cnt < n_comm  # normal by assumption: everything learns from it, nothing alerts on it
@@ -127,6 +128,7 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     for key, r in residuals:
         lik = Likelihood.of(f, key)
         scored.append((key, r, lik, surprise(lik, r, lik_n, settled)))
+    _expected(x, sc, scored, o_f[rows.expected], o_f[rows.expected_std])
     best = scored[0][3].log10_p
     for _, _, _, out in scored[1:]:
         best = torch.minimum(best, out.log10_p)
@@ -176,7 +178,6 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
     # 6. forecast the next reading at the usual gap, back in raw units
     mu2, sd2 = model.forecast_columns(w.h, x_n, gap)
     mu2 = mu2 + (x_s - x_n)  # the unclipped skip, as above
-    rows = OutputRows(c)
     torch.addcmul(mean, mu2, sc, out=o_f[rows.forecast])
     torch.mul(sd2 * sc, torch.sqrt(calib), out=o_f[rows.std])
     q = scored[0][3].q
@@ -210,3 +211,15 @@ def run_wave(settings: OperatorSettings, scorer: AnomalyScorer, model: Forecaste
                         ("alert_reason", torch.where(alert.in_alert, alert_reason, 0))):
         w.set(name, value)
     w.scatter()
+
+
+def _expected(x: torch.Tensor, sc: torch.Tensor, scored: list[tuple[str, torch.Tensor, Likelihood, Surprise]],
+              expected: torch.Tensor, spread: torch.Tensor) -> None:
+    """Per channel, the residual that sets its z (the largest ``q`` over the likelihoods): the value it measured
+    the reading against and its spread, raw units ``[C, B]`` (alert explanations; before anything learns)."""
+    q = torch.stack([out.q for _, _, _, out in scored])  # [K, C, B]
+    best = q.argmax(dim=0, keepdim=True)  # first maximum on ties, as the compiled step
+    r = torch.stack([res for _, res, _, _ in scored]).gather(0, best)[0]
+    s2 = torch.stack([lik.s2 for _, _, lik, _ in scored]).gather(0, best)[0]
+    torch.sub(x, r * sc, out=expected)
+    torch.mul(torch.sqrt(s2), sc, out=spread)

@@ -8,7 +8,7 @@ quantity is added here and nowhere else.
 
 >>> rows = OutputRows(channels=2)
 >>> rows.forecast, rows.std, rows.z, rows.horizon, rows.score, rows.threshold, rows.anomaly_score, rows.float_rows
-(slice(0, 2, None), slice(2, 4, None), slice(4, 6, None), 6, 7, 8, 9, 12)
+(slice(0, 2, None), slice(2, 4, None), slice(4, 6, None), 6, 7, 8, 9, 16)
 >>> FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_CLOSED, FLAG_ROWS
 (0, 1, 2, 3, 4)
 """
@@ -79,5 +79,16 @@ class OutputRows:
         return 3 * self.channels + 5
 
     @property
+    def expected(self) -> slice:
+        """This reading's forecast (the delta head's, at its real gap, before anything learnt from it), raw units:
+        what an alert's explanation calls the expected value."""
+        return slice(3 * self.channels + 6, 4 * self.channels + 6)
+
+    @property
+    def expected_std(self) -> slice:
+        """Its spread, raw units (calibrated, as the next reading's)."""
+        return slice(4 * self.channels + 6, 5 * self.channels + 6)
+
+    @property
     def float_rows(self) -> int:
-        return 3 * self.channels + 6
+        return 5 * self.channels + 6

@@ -22,6 +22,7 @@ from liquidstream.operators.asof import InstantForecast, forecast_at
 from liquidstream.operators.compiled import COMPILED_MIN_READINGS_PER_DEVICE, CompiledStep, compiled_cell
 from liquidstream.operators.config import OperatorSettings
 from liquidstream.operators.errors import InputError
+from liquidstream.operators.explain import explain
 from liquidstream.operators.forecaster import Forecaster
 from liquidstream.operators.fused_step import run_wave
 from liquidstream.operators.layout import FLAG_CLOSED, FLAG_IN_ALERT, FLAG_OPENED, FLAG_REASON, FLAG_ROWS, OutputRows
@@ -227,7 +228,7 @@ class LiquidOperator:
         last = plan.last_rows
         host["last_ts_ms"][last] = np.maximum(host["last_ts_ms"][last], plan.last_ts_ms)
         host["count"][last] = plan.count_after
-        result = self._assemble(device_ids, ts_ms, plan.status, plan.long_gap, source, out_rows, out_f, out_b)
+        result = self._assemble(device_ids, ts_ms, values, plan.status, plan.long_gap, source, out_rows, out_f, out_b)
         return with_silences(result, silences, device_ids, self.settings.silence_after_gaps)
 
     def _waves(self, plan: WavePlan, values: np.ndarray, ts_ms: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,8 +268,9 @@ class LiquidOperator:
         ``x`` [C, B], ``o_f`` [3C + 4, B], ``o_b`` [3, B]; ``reset`` None when no row of the wave resets)."""
         run_wave(self.settings, self.scorer, self.model, self.store, idx, x, ts, dt, cnt, reset, o_f, o_b)
 
-    def _assemble(self, device_ids: Sequence[str], ts_ms: np.ndarray, status: np.ndarray, long_gap: np.ndarray,
-                  source: np.ndarray, rows: np.ndarray, out_f: torch.Tensor, out_b: torch.Tensor) -> StepResult:
+    def _assemble(self, device_ids: Sequence[str], ts_ms: np.ndarray, values: np.ndarray, status: np.ndarray,
+                  long_gap: np.ndarray, source: np.ndarray, rows: np.ndarray, out_f: torch.Tensor,
+                  out_b: torch.Tensor) -> StepResult:
         n, c = len(device_ids), self.n_channels
         layout = OutputRows(c)
         # One device-to-host copy per block, then one scatter into input order (NaN / False: not applied).
@@ -308,6 +310,9 @@ class LiquidOperator:
             open_ms[row] = 0
         closed.sort(key=lambda a: a.index)
         alerts.sort(key=lambda a: a.index)  # input order, not wave order
+        if alerts:
+            where = {int(source[p]): int(rows[p]) for p in opened_pos.tolist()}
+            alerts = explain(alerts, self.model, self.store, values, res_f, where)
         return StepResult(status=status, long_gap=long_gap, forecast=np.ascontiguousarray(res_f[:, layout.forecast]),
                           forecast_std=np.ascontiguousarray(res_f[:, layout.std]),
                           horizon_s=res_f[:, layout.horizon].copy(),

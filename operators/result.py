@@ -70,6 +70,26 @@ def alert_id(device_id: str, opened_ms: int) -> str:
 
 
 @dataclass(frozen=True)
+class ChannelWhy:
+    """One blamed channel of an alert: its index, the reading, the expected value and spread (raw units), and the
+    standardised deviation."""
+
+    channel: int
+    reading: float
+    expected: float
+    spread: float
+    z: float
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why an alert opened: its blamed channels and the cell's time constants then (seconds: min, median, max)."""
+
+    channels: tuple[ChannelWhy, ...]
+    time_constants_s: tuple[float, float, float]
+
+
+@dataclass(frozen=True)
 class Alert:
     """One incident on one device, reported once when it opens."""
 
@@ -81,6 +101,7 @@ class Alert:
     channels: tuple[int, ...]  # channel indices, largest standardised residual first
     reason: AlertReason
     index: int  # position of the triggering event in the process() input
+    explanation: Explanation | None = None  # why (operators/explain.py); None for silences
 
     @property
     def alert_id(self) -> str:

@@ -333,6 +333,14 @@ def run_devices(starts: np.ndarray, rows: np.ndarray, pos: np.ndarray, xs: np.nd
                     else zero
                 best = lp[j] if j == 0 else min(best, lp[j])
             log10_p = min(best + log10_k, zero) if k_lik > 1 else best
+            for k in range(c):  # OutputRows.expected / expected_std: per channel, the residual that sets its z
+                jb = 0
+                for j in range(1, k_lik):
+                    if q[j, k] > q[jb, k]:
+                        jb = j
+                if k_lik > 0:
+                    out_f[3 * c + 6 + k, p] = x[k] - r[jb, k] * sc[k]
+                    out_f[4 * c + 6 + k, p] = F32(math.sqrt(f[lik[jb, 0] + k])) * sc[k]
             if first:
                 log10_p = F32(np.nan)
             any_stuck = False

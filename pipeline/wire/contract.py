@@ -126,6 +126,43 @@ class PredictionRecord(BaseModel):
         return self
 
 
+class BlamedChannel(BaseModel):
+    """One channel an alert blames, at the reading that opened it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    channel: str = Field(description='The channel\'s name, or "ch0", "ch1", ... when the reading had none.')
+    reading: FiniteFloat = Field(description="The reading's value, raw units.")
+    expected: FiniteFloat = Field(description="What the detector measured the reading against, from the state before "
+                                              "it: the forecast at its real gap, the absolute forecast or the normal "
+                                              "level, whichever deviated most in the detector's units; raw units.")
+    spread: FiniteFloat = Field(ge=0, description="The scale of that deviation (the likelihood's residual scale), "
+                                                  "raw units.")
+    z: FiniteFloat | None = Field(description="|reading - expected| / spread: the standardised deviation the "
+                                              "detector saw. null: a stuck channel (a repeated value, not a "
+                                              "deviation).")
+
+
+class TimeConstants(BaseModel):
+    """The cell's effective time constants at the alert, seconds: how fast the device's state forgets."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    min: FiniteFloat = Field(ge=0, description="Fastest hidden unit, seconds.")
+    median: FiniteFloat = Field(ge=0, description="Median hidden unit, seconds.")
+    max: FiniteFloat = Field(ge=0, description="Slowest hidden unit, seconds.")
+
+
+class Explanation(BaseModel):
+    """Why an alert opened (opened records of reading alerts; absent on silences and closed records)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rule: AlertReason = Field(description="The rule or score that opened it (= reason).")
+    channels: list[BlamedChannel] = Field(description="The blamed channels, largest standardised deviation first.")
+    time_constants_s: TimeConstants
+
+
 class AlertRecord(BaseModel):
     """An anomaly alert's lifecycle on the alerts topic (key = ``device_id``): one incident is one ``opened``
     record when it opens and one ``closed`` record, with the same ``alert_id``, on the reading that closes it
@@ -156,6 +193,8 @@ class AlertRecord(BaseModel):
                                             'closed: empty.')
     model_version: str = Field(description="Version of the model that scored the reading.")
     source: Source | FileSource = Field(description=_SOURCE)
+    explanation: Explanation | None = Field(default=None, description="opened, on a reading: why (per blamed "
+                                                                      "channel, and the cell's time constants).")
     opened_ts: int | None = Field(default=None, description="closed only: event time of the opening reading, epoch ms.")
     duration_ms: int | None = Field(default=None, ge=0, description="closed only: ts - opened_ts, ms of event time.")
     readings: int | None = Field(default=None, ge=1, description="closed only: readings from the opening one to the "

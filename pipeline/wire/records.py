@@ -7,6 +7,7 @@ reach the wire: a score that does not exist (a device's first reading) is ``null
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -143,10 +144,19 @@ def encode_predictions(device_ids: Sequence[str], result: StepResult, model_vers
 
 def opened_record(alert: Alert, model_version: str, names: Sequence[str] | None = None) -> dict[str, Any]:
     """The ``opened`` alert record of ``alert`` (its ``source`` is the caller's to add)."""
-    return {"event": "opened", "alert_id": alert.alert_id, "device_id": alert.device_id, "ts": alert.ts_ms,
-            "score": alert.score, "threshold": alert.threshold, "severity": alert.severity,
-            "channels": [channel_label(names, c) for c in alert.channels], "reason": alert.reason,
-            "model_version": model_version}
+    rec: dict[str, Any] = {
+        "event": "opened", "alert_id": alert.alert_id, "device_id": alert.device_id, "ts": alert.ts_ms,
+        "score": alert.score, "threshold": alert.threshold, "severity": alert.severity,
+        "channels": [channel_label(names, c) for c in alert.channels], "reason": alert.reason,
+        "model_version": model_version}
+    why = alert.explanation
+    if why is not None:
+        lo, mid, hi = why.time_constants_s
+        rec["explanation"] = {"rule": alert.reason, "time_constants_s": {"min": lo, "median": mid, "max": hi},
+                              "channels": [{"channel": channel_label(names, c.channel), "reading": c.reading,
+                                            "expected": c.expected, "spread": c.spread,
+                                            "z": c.z if math.isfinite(c.z) else None} for c in why.channels]}
+    return rec
 
 
 def closed_record(closed: AlertClosed, model_version: str) -> dict[str, Any]:

@@ -99,6 +99,12 @@ def test_compiled_step_matches_tensor_waves_across_snapshots(cell: str, options:
         assert closed_of(a) == closed_of(b)
         np.testing.assert_allclose([c.peak_score for c in a.closed], [c.peak_score for c in b.closed], rtol=1e-5)
         np.testing.assert_allclose([x.score for x in a.alerts], [x.score for x in b.alerts], rtol=1e-5)
+        for x, y in zip(a.alerts, b.alerts, strict=True):  # explanations: expected values and spreads (4 digits)
+            if x.reason == "silence":
+                continue
+            assert x.explanation is not None and y.explanation is not None
+            np.testing.assert_allclose([(c.expected, c.spread) for c in x.explanation.channels],
+                                       [(c.expected, c.spread) for c in y.explanation.channels], rtol=2e-3)
     assert_states_close(store_state(ops["tensor"]), store_state(ops["compiled"]))
 
 
