@@ -9,9 +9,12 @@ Computed for the readings that open an alert only (rare), after the batch, from 
   whichever residual was the largest in the detector's own units, and that likelihood's residual scale, both in
   raw units;
 * ``z``: ``|reading - expected| / spread``, the standardised deviation the detector saw (inf: a stuck channel);
-* ``time_constants_s``: the cell's effective time constant per hidden unit (seconds, at the reading, its state
-  after it and the device's usual gap), summarised as min / median / max: a short one forgets within a reading or
-  two, a long one carries the device's history across hours (:meth:`Forecaster.time_constants`).
+* ``time_constants_s``: the cell's effective time constant per hidden unit (seconds), summarised as min / median /
+  max: a short one forgets within a reading or two, a long one carries the device's history across hours
+  (:meth:`Forecaster.time_constants`, at the alerting reading and the device's usual gap).  The state they are
+  taken from is the device's at the end of the batch that opened the alert: the state at the reading itself when
+  that reading is the device's last in its batch (as in a live stream), a few readings later in a backlog.  So they
+  alone among an alert's fields can differ between two batchings of the same stream.
 """
 
 from __future__ import annotations

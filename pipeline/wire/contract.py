@@ -160,7 +160,9 @@ class Explanation(BaseModel):
 
     rule: AlertReason = Field(description="The rule or score that opened it (= reason).")
     channels: list[BlamedChannel] = Field(description="The blamed channels, largest standardised deviation first.")
-    time_constants_s: TimeConstants
+    time_constants_s: TimeConstants = Field(description="The cell's effective time constants (seconds) at the "
+                                                        "reading, from the device's state at the end of the batch "
+                                                        "that opened the alert.")
 
 
 class AlertRecord(BaseModel):

@@ -274,9 +274,16 @@ def test_faust_app_matches_operator_and_recovers_state(kafka_bootstrap: str, mak
         got_alerts[_where(rec)] = rec
     assert expected_alerts, "the stream should open alerts, or the alert path goes untested"
     assert got_alerts.keys() == expected_alerts.keys()
+    def exact(rec: dict[str, Any]) -> dict[str, Any]:
+        """The fields that do not depend on batching: the explanation's time constants are the cell's at the end
+        of the batch that opened the alert (operators/explain.py), and the faust app batches differently."""
+        out = {k: v for k, v in rec.items() if k not in inexact}
+        if "explanation" in out:
+            out["explanation"] = {k: v for k, v in out["explanation"].items() if k != "time_constants_s"}
+        return out
+
     for where, want in expected_alerts.items():
-        assert {k: v for k, v in got_alerts[where].items() if k not in inexact} == \
-            {k: v for k, v in want.items() if k not in inexact}
+        assert exact(got_alerts[where]) == exact(want)
         assert _close(got_alerts[where]["score"], want["score"]), where
 
     # Dead letters: every malformed message, with the codec's class for its kind and the original bytes.
