@@ -172,15 +172,7 @@ class LiquidOperator:
         """The silences this batch's readings end (and the rhythm learns the other gaps), before the clocks move."""
         if self.silence is None or plan.source.size == 0:
             return []
-        ts = ts_ms[plan.source]
-        order = np.lexsort((ts, plan.rows))  # each device's readings in time order
-        rows_o, ts_o = plan.rows[order], ts[order]
-        prev = self.store.host["last_ts_ms"][rows_o].copy()
-        same = np.flatnonzero(rows_o[1:] == rows_o[:-1]) + 1
-        prev[same] = ts_o[same - 1]  # the previous reading in this batch
-        prev_w = np.empty_like(prev)
-        prev_w[order] = prev
-        return self.silence.observe(plan.rows, plan.source, ts, plan.dt_s, prev_w)
+        return self.silence.observe(plan.rows, plan.source, ts_ms[plan.source], plan.dt_s)
 
     def _validate(self, device_ids: Sequence[str], ts_ms: np.ndarray, values: np.ndarray) -> None:
         n = len(device_ids)

@@ -62,23 +62,24 @@ class SilenceWatch:
         m, v = h["gap_log_m"][rows].astype(np.float64), h["gap_log_v"][rows].astype(np.float64)
         return np.where(h["gap_n"][rows] >= MIN_GAPS, np.exp(m + 2.0 * np.sqrt(np.maximum(v, 0.0))), np.inf)
 
-    def observe(self, rows: np.ndarray, source: np.ndarray, ts_ms: np.ndarray, dt_s: np.ndarray,
-                prev_ms: np.ndarray) -> list[Silence]:
-        """One batch's applied readings (store rows, input positions, event times ms, gaps s, the device's previous
-        event time ms; any order): the silences they end.  Each device's readings are taken in time order, one by
+    def observe(self, rows: np.ndarray, source: np.ndarray, ts_ms: np.ndarray, dt_s: np.ndarray) -> list[Silence]:
+        """One batch's applied readings (store rows, input positions, event times ms, gaps s; any order), before
+        the device clocks move: the silences they end.  Each device's readings are taken in time order, one by
         one (:func:`_observe_run`), so the outcome does not depend on where batches begin and end."""
         if rows.size == 0:
             return []
-        order = np.lexsort((ts_ms, rows))
         h = self.store.host
-        ends = _observe_run(rows[order], ts_ms[order], dt_s[order].astype(np.float64), prev_ms[order],
-                            h["gap_n"], h["gap_log_m"], h["gap_log_v"], h["gap_quiet"], h["silence_ms"],
-                            float(self.after))
+        order = np.lexsort((ts_ms, rows))  # each device's readings in time order
+        rows_o, ts_o = rows[order], ts_ms[order]
+        prev = h["last_ts_ms"][rows_o].copy()  # each reading's previous one: the clock, or the batch's reading before
+        same = np.flatnonzero(rows_o[1:] == rows_o[:-1]) + 1
+        prev[same] = ts_o[same - 1]
+        ends = _observe_run(rows_o, dt_s[order].astype(np.float64), prev, h["gap_n"], h["gap_log_m"],
+                            h["gap_log_v"], h["gap_quiet"], h["silence_ms"], float(self.after))
         out = []
         for k, start, usual, noticed in ends:
-            j = int(order[k])
-            out.append(Silence(int(rows[j]), int(prev_ms[j]), int(start), float(usual), int(ts_ms[j]),
-                               int(source[j]), bool(noticed)))
+            out.append(Silence(int(rows_o[k]), int(prev[k]), int(start), float(usual), int(ts_o[k]),
+                               int(source[order[k]]), bool(noticed)))
         return out
 
     def check(self, now_ms: int, rows: np.ndarray) -> list[Silence]:
@@ -100,7 +101,7 @@ class SilenceWatch:
 
 
 @cached_jit
-def _observe_run(rows: np.ndarray, ts: np.ndarray, dt: np.ndarray, prev: np.ndarray, gap_n: np.ndarray,
+def _observe_run(rows: np.ndarray, dt: np.ndarray, prev: np.ndarray, gap_n: np.ndarray,
                  gap_m: np.ndarray, gap_v: np.ndarray, quiet: np.ndarray, silence_ms: np.ndarray,
                  after: float) -> list[tuple[int, int, float, bool]]:  # pragma: no cover - compiled
     """Readings sorted by (row, time): end silences and learn the rhythm, reading by reading.

@@ -20,7 +20,7 @@ import numpy as np
 from liquidstream.operators.operator import LiquidOperator
 from liquidstream.operators.result import Alert, AlertClosed, EventStatus
 from liquidstream.pipeline.errors import EncodeError, PipelineError
-from liquidstream.pipeline.kafka.long_input import Part, StreamAssembly
+from liquidstream.pipeline.kafka.long_input import Part, StreamAssembly, kafka_timestamp
 from liquidstream.pipeline.kafka.output import BatchOutput, OutputTopics, OutRecord
 from liquidstream.pipeline.wire.codec import DecodeLimits, decode_batch, encode_json
 from liquidstream.pipeline.wire.contract import schema_headers
@@ -115,8 +115,7 @@ def handle_batch(messages: Sequence[MessageLike], operator: LiquidOperator, topi
 
     def letter(i: int, reason: DeadLetterReason | str, detail: str) -> None:
         m = messages[i]
-        kind, ts = m.timestamp()
-        post(Part(*src[i], m.key(), m.value(), ts if kind and ts > 0 else 0, m.headers), reason, detail)
+        post(Part(*src[i], m.key(), m.value(), kafka_timestamp(m), m.headers), reason, detail)
 
     def post(part: Part, reason: DeadLetterReason | str, detail: str) -> None:
         dl = DeadLetter.build(reason, detail, key=part.key, value=part.value, topic=part.topic,

@@ -31,7 +31,7 @@ from liquidstream.pipeline.wire.dead_letters import OriginalHeaders, forwarded_h
 from liquidstream.pipeline.wire.schemas import DeadLetterReason
 from liquidstream.pipeline.wire.types import MessageLike, SourceCoords, TopicPart
 
-__all__ = ["MAX_STATE_BYTES", "Part", "StreamAssembly"]
+__all__ = ["MAX_STATE_BYTES", "Part", "StreamAssembly", "kafka_timestamp"]
 
 #: Most JSON bytes one partition's assembly state may take in its progress record.
 MAX_STATE_BYTES = 512 * 1024
@@ -53,9 +53,8 @@ class Part(NamedTuple):
     def of(cls, message: MessageLike, where: SourceCoords) -> Part:
         """A consumed message, its headers read now (it may wait): unreadable ones are dropped, as a dead letter
         would (:func:`~liquidstream.pipeline.wire.dead_letters.forwarded_headers`)."""
-        kind, ts = message.timestamp()
         headers, _ = forwarded_headers(message.headers)
-        return cls(*where, message.key(), message.value(), ts if kind and ts > 0 else 0, headers or None)
+        return cls(*where, message.key(), message.value(), kafka_timestamp(message), headers or None)
 
     def to_json(self) -> list[Any]:
         headers = self.headers() if callable(self.headers) else self.headers
@@ -67,6 +66,12 @@ class Part(NamedTuple):
         topic, partition, offset, key, value, ts, headers = doc
         return cls(str(topic), int(partition), int(offset), _unb64(key), _unb64(value), int(ts),
                    None if headers is None else [(str(k), _unb64(v)) for k, v in headers])
+
+
+def kafka_timestamp(message: MessageLike) -> int:
+    """A consumed message's Kafka timestamp, epoch ms, or 0 when it has none."""
+    kind, ts = message.timestamp()
+    return ts if kind and ts > 0 else 0
 
 
 def _b64(raw: bytes | None) -> str | None:
